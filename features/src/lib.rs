@@ -1,0 +1,45 @@
+//! Features: everything between a decoded input batch and the model's input tensor.
+//!
+//! - [`store`]: the [`FeatureStore`] trait (one round trip for a whole batch) and an in-memory
+//!   test double;
+//! - [`redis_store`]: the Redis implementation (pipelined `HMGET`, timeouts, reconnects);
+//! - [`lookup`]: entity lookups → Arrow tables aligned to the input rows;
+//! - [`join`]: the workload's DataFusion SQL, planned once and re-executed per batch;
+//! - [`tensor`]: the SQL output → a dense `f32` matrix in the model's feature order, with
+//!   documented imputation of missing values.
+
+pub mod join;
+pub mod lookup;
+pub mod redis_store;
+pub mod store;
+pub mod tensor;
+
+pub use join::SqlJoin;
+pub use lookup::{EntityLookup, FeatureField, FeatureType, LookupStats, Lookups};
+pub use redis_store::{RedisConfig, RedisFeatureStore};
+pub use store::{FeatureStore, HashRead, InMemoryFeatureStore};
+pub use tensor::{FeatureColumn, FeatureMatrix};
+
+/// Errors of the feature stage. The topology decides what to do with each (retry, degrade,
+/// dead-letter); nothing here panics on I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error("feature store: {0}")]
+    Store(#[from] redis::RedisError),
+    #[error("feature store did not answer within {timeout_ms} ms")]
+    StoreTimeout { timeout_ms: u128 },
+    #[error("lookup `{lookup}`: key column `{column}`: {reason}")]
+    KeyColumn {
+        lookup: String,
+        column: String,
+        reason: String,
+    },
+    #[error("SQL: {0}")]
+    Sql(#[from] datafusion::error::DataFusionError),
+    #[error("Arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("SQL output: {0}")]
+    Output(String),
+}
+
+pub type Result<T, E = FeatureError> = std::result::Result<T, E>;

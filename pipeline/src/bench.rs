@@ -1,0 +1,167 @@
+//! `verdict bench`: throughput and produce → decision latency of the fraud workload.
+//!
+//! By default it is self-contained like the demo (local Tansu + Redis, pipeline in-process);
+//! with `--brokers` it only drives an already running pipeline that uses the example
+//! config's topics. Latency is measured from just before each produce call to the decision's
+//! arrival at an independent consumer. Results are printed and, with `--out`, written as JSON.
+//!
+//! In self-contained mode the process CPU time it prints includes the load generator and the
+//! measuring consumer, so CPU per decision is an upper bound for the pipeline alone.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::demo::{local_setup, print_summary, EXAMPLE_TOPICS};
+use crate::driver::{drive, percentiles_ms, DriveSpec};
+use crate::generator::World;
+use crate::Pipeline;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Transactions to produce.
+    #[arg(long, default_value_t = 100_000)]
+    pub count: usize,
+    /// Offered rate (tx/s); omit to produce as fast as possible (throughput run).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Override the workload's batch.max-rows.
+    #[arg(long)]
+    pub max_rows: Option<usize>,
+    /// Override the workload's batch.linger (e.g. `1ms`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub linger: Option<Duration>,
+    /// Drive an already running pipeline on these brokers instead of starting one.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// CPU seconds (user + system) this process has used, from /proc.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident memory of this process, MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let run_id = format!("bench{}", std::process::id());
+    let (stack, world, brokers, pipeline, workload) = match &args.brokers {
+        Some(brokers) => {
+            let world = World::generate(42, 5_000, 500);
+            (None, world, brokers.clone(), None, None)
+        }
+        None => {
+            let (stack, world, mut config) = local_setup(5_000, 500).await?;
+            if let Some(rows) = args.max_rows {
+                config.workloads[0].batch.max_rows = rows;
+            }
+            if let Some(linger) = args.linger {
+                config.workloads[0].batch.linger = linger;
+            }
+            let brokers = stack.kafka_bootstrap.clone();
+            let pipeline = Pipeline::start(&config).await?;
+            let workload = config.workloads[0].clone();
+            (Some(stack), world, brokers, Some(pipeline), Some(workload))
+        }
+    };
+    let batch = workload
+        .as_ref()
+        .map(|w| format!("max-rows {} linger {:?}", w.batch.max_rows, w.batch.linger))
+        .unwrap_or_else(|| "external pipeline".into());
+    println!(
+        "verdict bench: {} transactions, offered rate {}, {batch}",
+        args.count,
+        args.rate.map(|r| format!("{r:.0} tx/s")).unwrap_or_else(|| "unthrottled".into())
+    );
+    let spec = DriveSpec {
+        brokers,
+        input_topic: EXAMPLE_TOPICS[0].0.into(),
+        decisions_topic: EXAMPLE_TOPICS[1].0.into(),
+        count: args.count,
+        rate_per_sec: args.rate,
+        run_id,
+        seed: 11,
+        unknown_card_rate: 0.03,
+        bad_messages: Vec::new(),
+        print_samples: 0,
+        settle_timeout: Duration::from_secs(60),
+    };
+    let cpu_before = process_cpu_seconds();
+    let report = tokio::task::spawn_blocking(move || drive(&world, &spec)).await??;
+    let cpu = match (cpu_before, process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let reports = match pipeline {
+        Some(p) => {
+            p.stop();
+            p.wait().await?
+        }
+        None => Vec::new(),
+    };
+    drop(stack);
+    print_summary(&report, &reports);
+    let [p50, p99, p999, max] = percentiles_ms(&report.latency_us);
+    let cpu_us_per_decision = cpu.map(|c| c * 1e6 / report.decided.max(1) as f64);
+    if let Some(c) = cpu_us_per_decision {
+        println!(
+            "  process CPU   {:.2} s = {c:.1} µs per decision (includes the load generator and measuring consumer)",
+            cpu.unwrap_or_default()
+        );
+    }
+    if let Some(rss) = peak_rss_mib() {
+        println!("  peak RSS      {rss:.0} MiB (whole process)");
+    }
+    if let Some(path) = &args.out {
+        let stage = |f: fn(&crate::topology::StageTimings) -> &hdrhistogram::Histogram<u64>| {
+            reports.first().map(|r| {
+                let h = f(&r.timings);
+                json!({"mean_us": h.mean(), "p50_us": h.value_at_quantile(0.5), "p99_us": h.value_at_quantile(0.99)})
+            })
+        };
+        let result = json!({
+            "count": args.count,
+            "offered_rate": args.rate,
+            "decided": report.decided,
+            "duplicates": report.duplicates,
+            "throughput_per_s": report.throughput(),
+            "latency_ms": {"p50": p50, "p99": p99, "p99_9": p999, "max": max},
+            "process_cpu_s": cpu,
+            "process_cpu_us_per_decision": cpu_us_per_decision,
+            "peak_rss_mib": peak_rss_mib(),
+            "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+            "stages": {
+                "rows_per_batch": stage(|t| &t.rows),
+                "lookup": stage(|t| &t.lookup_us),
+                "join": stage(|t| &t.join_us),
+                "score": stage(|t| &t.score_us),
+                "produce": stage(|t| &t.produce_us),
+            },
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("  results written to {}", path.display());
+    }
+    anyhow::ensure!(
+        report.decided == report.sent,
+        "{} of {} transactions got no decision",
+        report.sent - report.decided,
+        report.sent
+    );
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! The configuration: one TOML document, loaded once in `main` and passed down.
+//!
+//! Keys are kebab-case, unknown keys are errors (a typo must not silently fall back to a
+//! default), durations are human-readable (`"2ms"`, `"1s"`), and relative paths are resolved
+//! against the config file's folder. librdkafka properties pass through untouched. See
+//! `deploy/config/fraud.toml` for a complete, commented example.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use serde::Deserialize;
+use verdict_features::{EntityLookup, RedisConfig};
+use verdict_scorers::{FraudThresholds, OnnxScorerConfig};
+
+use crate::PipelineError;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    /// Path to `libonnxruntime.so`. Default: `$ORT_DYLIB_PATH`, else the `onnxruntime` wheel
+    /// in the project's `.venv`.
+    #[serde(default)]
+    pub onnxruntime_library: Option<PathBuf>,
+    /// The workloads this process runs, each with its own consumer and stages.
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+/// `[kafka]`: the cluster and client properties shared by every workload.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `"127.0.0.1:9092"`.
+    pub brokers: String,
+    /// Consumer group id prefix: workload `fraud` consumes as `<group-id>.fraud`.
+    pub group_id: String,
+    /// librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only; override verdict's defaults.
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only; override verdict's defaults.
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    // Properties can hold `sasl.password` and keys: print only their names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field(
+                "consumer_properties",
+                &self.consumer_properties.keys().collect::<Vec<_>>(),
+            )
+            .field(
+                "producer_properties",
+                &self.producer_properties.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// Consumer properties: verdict's defaults, then `properties`, then `consumer-properties`.
+    pub fn consumer(&self, group_id: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group_id)
+            // At least once: an offset is stored only after the batch's outputs are
+            // acknowledged; stored offsets are committed in the background and on shutdown.
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            // Small fetch waits: latency tier.
+            .set("fetch.wait.max.ms", "5")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        for (k, v) in self.properties.iter().chain(&self.consumer_properties) {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// Producer properties: verdict's defaults, then `properties`, then `producer-properties`.
+    pub fn producer(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "1")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000");
+        for (k, v) in self.properties.iter().chain(&self.producer_properties) {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// `[[workloads]]`: one scoring job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Name used in decisions, logs and the consumer group.
+    pub name: String,
+    pub input_topic: String,
+    pub decisions_topic: String,
+    /// Where undecodable or unscorable messages go, with their cause in headers.
+    pub dead_letter_topic: String,
+    /// A built-in input contract (`fraud-transaction`) or a path to a JSON Schema file.
+    pub input_schema: String,
+    /// Model directory (`model.onnx` + `model.json`).
+    pub model: PathBuf,
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub lookups: Vec<EntityLookup>,
+    /// DataFusion SQL over `input` and the lookup tables; must select `row_id` and every model
+    /// feature.
+    pub sql: String,
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub scorer: OnnxScorerConfig,
+    /// Batches in flight between stages (per channel). Small: backpressure, not buffering.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+fn default_channel_capacity() -> usize {
+    2
+}
+
+/// `[workloads.batch]`: when a micro-batch closes.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch closes when it holds this many messages...
+    pub max_rows: usize,
+    /// ...or this long after its first message arrived, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+/// `[workloads.policy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, tag = "kind")]
+pub enum PolicyConfig {
+    /// Score thresholds → approve / review / decline.
+    Fraud(FraudThresholds),
+}
+
+impl Config {
+    /// Parses a config file; relative paths inside it are resolved against its folder.
+    pub fn load(path: &Path) -> Result<Self, PipelineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            PipelineError::Config(format!("{}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            PipelineError::Config(msg) => PipelineError::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, PipelineError> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| PipelineError::Config(e.to_string()))?;
+        for w in &mut config.workloads {
+            if w.model.is_relative() {
+                w.model = base.join(&w.model);
+            }
+            if w.input_schema.ends_with(".json") && Path::new(&w.input_schema).is_relative() {
+                w.input_schema = base.join(&w.input_schema).to_string_lossy().into_owned();
+            }
+        }
+        if let Some(lib) = &config.onnxruntime_library {
+            if lib.is_relative() {
+                config.onnxruntime_library = Some(base.join(lib));
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), PipelineError> {
+        if self.workloads.is_empty() {
+            return Err(PipelineError::Config("no [[workloads]]".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for w in &self.workloads {
+            if !names.insert(&w.name) {
+                return Err(PipelineError::Config(format!("workload `{}` is defined twice", w.name)));
+            }
+            if w.batch.max_rows == 0 || w.batch.max_rows > u32::MAX as usize {
+                return Err(PipelineError::Config(format!(
+                    "workload `{}`: batch.max-rows must be between 1 and {}",
+                    w.name,
+                    u32::MAX
+                )));
+            }
+            if w.channel_capacity == 0 {
+                return Err(PipelineError::Config(format!(
+                    "workload `{}`: channel-capacity must be at least 1",
+                    w.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The example config shipped with the repository (`deploy/config/fraud.toml`), used by the
+/// demo and the benchmark with the broker and Redis addresses replaced.
+pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/config/fraud.toml");
+
+/// Folder the example config's relative paths are resolved against.
+pub fn example_config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_resolves_the_model_path() {
+        let config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+        let fraud = &config.workloads[0];
+        assert_eq!(fraud.name, "fraud");
+        assert!(fraud.model.join("model.json").is_file(), "{:?}", fraud.model);
+        assert_eq!(fraud.lookups.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = EXAMPLE_CONFIG.replace("[kafka]", "[kafka]\nbrokerz = \"x\"");
+        let err = Config::parse(&text, Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("brokerz"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let text = EXAMPLE_CONFIG.replace(
+            "[kafka]",
+            "[kafka]\nproperties = { \"sasl.password\" = \"hunter2\" }",
+        )
+        .replace("redis://127.0.0.1:6379", "redis://:hunter3@127.0.0.1:6379");
+        let config = Config::parse(&text, &example_config_dir()).unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("hunter3"), "{printed}");
+        assert!(printed.contains("sasl.password"));
+    }
+
+    #[test]
+    fn verdicts_consumer_defaults_store_offsets_explicitly() {
+        let config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+        let consumer = config.kafka.consumer("g");
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("group.id"), Some("g"));
+    }
+}

@@ -1,0 +1,157 @@
+//! `verdict demo`: the whole system on one machine with nothing started by hand. It starts a
+//! Kafka-protocol broker and Redis, loads card and merchant features, runs the example fraud
+//! workload (`deploy/config/fraud.toml`) in-process, produces generated transactions (and a
+//! few malformed messages, which must come out as dead letters), prints decisions as they
+//! arrive at an independent consumer, and ends with a summary.
+
+use anyhow::Context;
+
+use crate::config::{example_config_dir, Config, EXAMPLE_CONFIG};
+use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
+use crate::generator::World;
+use crate::local_stack::LocalStack;
+use crate::topology::WorkloadReport;
+use crate::Pipeline;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Transactions to produce.
+    #[arg(long, default_value_t = 20_000)]
+    pub count: usize,
+    /// Offered rate, transactions per second.
+    #[arg(long, default_value_t = 5_000.0)]
+    pub rate: f64,
+    /// Decisions to print as they arrive.
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+}
+
+/// Topics of the example config, with their partition counts.
+pub const EXAMPLE_TOPICS: [(&str, i32); 3] = [
+    ("transactions", 3),
+    ("decisions", 3),
+    ("transactions.dead-letter", 1),
+];
+
+/// Starts the local servers, creates the example topics, loads a world into Redis and returns
+/// the example config pointed at them.
+pub async fn local_setup(cards: usize, merchants: usize) -> anyhow::Result<(LocalStack, World, Config)> {
+    let stack = LocalStack::start()?;
+    stack.create_topics(&EXAMPLE_TOPICS).await?;
+    let world = World::generate(42, cards, merchants);
+    world
+        .load_into_redis(&stack.redis_url)
+        .await
+        .context("loading features into Redis")?;
+    let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
+    config.kafka.brokers = stack.kafka_bootstrap.clone();
+    config.redis.url = stack.redis_url.clone();
+    Ok((stack, world, config))
+}
+
+/// A few kinds of bad input, to show they become dead letters and nothing stops.
+pub fn sample_bad_messages() -> Vec<Vec<u8>> {
+    vec![
+        b"{not json".to_vec(),
+        br#"{"transaction_id":"bad-type","card_id":"c","merchant_id":"m","amount":"ten","currency":"EUR","country":"DE","channel":"pos","event_time_ms":1}"#.to_vec(),
+        br#"{"transaction_id":"no-card"}"#.to_vec(),
+        vec![0xff, 0xfe, 0x00],
+        Vec::new(),
+    ]
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    println!("verdict demo: starting a Kafka-protocol broker (Tansu) and redis-server on free ports");
+    let (stack, world, config) = local_setup(5_000, 500).await?;
+    println!(
+        "  broker {}  redis {}  ({} cards, {} merchants loaded)",
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        world.cards.len(),
+        world.merchants.len()
+    );
+    let pipeline = Pipeline::start(&config).await?;
+    let workload = &config.workloads[0];
+    println!(
+        "  workload `{}`: {} → {} (dead letters → {}), model {}",
+        workload.name,
+        workload.input_topic,
+        workload.decisions_topic,
+        workload.dead_letter_topic,
+        workload.model.display()
+    );
+    let bad = sample_bad_messages();
+    println!(
+        "producing {} transactions at {} tx/s, plus {} malformed messages",
+        args.count,
+        args.rate,
+        bad.len()
+    );
+    let spec = DriveSpec {
+        brokers: stack.kafka_bootstrap.clone(),
+        input_topic: workload.input_topic.clone(),
+        decisions_topic: workload.decisions_topic.clone(),
+        count: args.count,
+        rate_per_sec: Some(args.rate),
+        run_id: format!("demo{}", std::process::id()),
+        seed: 7,
+        unknown_card_rate: 0.03,
+        bad_messages: bad,
+        print_samples: args.samples,
+        settle_timeout: std::time::Duration::from_secs(30),
+    };
+    let drive_report = tokio::task::spawn_blocking(move || drive(&world, &spec)).await??;
+    pipeline.stop();
+    let reports = pipeline.wait().await?;
+    print_summary(&drive_report, &reports);
+    anyhow::ensure!(
+        drive_report.decided == drive_report.sent,
+        "{} of {} transactions got no decision",
+        drive_report.sent - drive_report.decided,
+        drive_report.sent
+    );
+    Ok(())
+}
+
+/// Prints the driver's and the pipeline's figures.
+pub fn print_summary(drive: &DriveReport, reports: &[WorkloadReport]) {
+    let [p50, p99, p999, max] = percentiles_ms(&drive.latency_us);
+    println!();
+    println!("summary");
+    println!(
+        "  transactions  sent {}  decided {}  duplicates {}",
+        drive.sent, drive.decided, drive.duplicates
+    );
+    let mut mix: Vec<_> = drive.outcomes.iter().collect();
+    mix.sort();
+    let mix: Vec<String> = mix
+        .iter()
+        .map(|(k, v)| format!("{k} {v} ({:.1}%)", **v as f64 * 100.0 / drive.decided.max(1) as f64))
+        .collect();
+    println!("  decision mix  {}", mix.join(", "));
+    println!(
+        "  latency produce → decision (ms)  p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {max:.2}"
+    );
+    println!(
+        "  throughput    {:.0} decisions/s over {:.2} s (producing took {:.2} s)",
+        drive.throughput(),
+        drive.elapsed.as_secs_f64(),
+        drive.produce_elapsed.as_secs_f64()
+    );
+    for r in reports {
+        let t = &r.timings;
+        let mean = |h: &hdrhistogram::Histogram<u64>| h.mean();
+        println!(
+            "  pipeline `{}`  messages {}  batches {}  decisions {}  dead letters {}  degraded batches {}",
+            r.name, r.source.messages, r.source.batches, r.decisions, r.dead_letters, r.degraded_batches
+        );
+        println!(
+            "  per batch (mean, µs)  rows {:.0}  redis lookup {:.0}  sql join {:.0}  onnx score {:.0}  produce+ack {:.0}",
+            mean(&t.rows),
+            mean(&t.lookup_us),
+            mean(&t.join_us),
+            mean(&t.score_us),
+            mean(&t.produce_us)
+        );
+    }
+}

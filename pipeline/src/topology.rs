@@ -1,0 +1,360 @@
+//! The topology: the only place that spawns threads and tasks.
+//!
+//! Per workload:
+//!
+//! ```text
+//! source thread ──InputBatch──▶ enrich task ──Enriched──▶ scorer thread ──Scored──▶ sink task
+//!  (poll, batch, decode)        (Redis + SQL)             (ONNX Runtime)            (policy, produce, ack)
+//!        ▲                                                                               │
+//!        └──────────────────────────── ack(seq) after delivery ──────────────────────────┘
+//! ```
+//!
+//! Channels are bounded (`channel-capacity` batches): a slow stage blocks the one before it,
+//! up to the source, which then stops polling. ONNX Runtime runs on its own thread, off the
+//! async workers. Shutdown signals the source only; it closes its open batch and its channel,
+//! and each stage drains and exits when its input closes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use verdict_features::{FeatureStore, RedisFeatureStore};
+use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
+use verdict_sinks::{KafkaSink, Sink};
+
+use crate::config::Config;
+use crate::source::kafka::SourceSettings;
+use crate::source::{spawn_kafka_source, JsonBatchDecoder, SourceHandle, SourceStats};
+use crate::workload::{now_ms, Workload};
+use crate::PipelineError;
+
+/// How long the sink keeps retrying a failed delivery after shutdown was requested; past it
+/// the batch stays unacknowledged (its offsets uncommitted) and is consumed again next run.
+const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(20);
+
+/// Live counters of one workload.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub decisions: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub batches: AtomicU64,
+    pub degraded_batches: AtomicU64,
+}
+
+/// Per-batch stage timings (µs) and sizes.
+pub struct StageTimings {
+    pub rows: Histogram<u64>,
+    pub lookup_us: Histogram<u64>,
+    pub join_us: Histogram<u64>,
+    pub score_us: Histogram<u64>,
+    pub produce_us: Histogram<u64>,
+    /// Record timestamp → decision delivered, per decision (µs).
+    pub end_to_end_us: Histogram<u64>,
+}
+
+impl StageTimings {
+    fn new() -> Self {
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
+        Self {
+            rows: h(),
+            lookup_us: h(),
+            join_us: h(),
+            score_us: h(),
+            produce_us: h(),
+            end_to_end_us: h(),
+        }
+    }
+}
+
+/// What a workload did, once it has stopped.
+pub struct WorkloadReport {
+    pub name: String,
+    pub source: SourceStats,
+    pub decisions: u64,
+    pub dead_letters: u64,
+    /// approve, review, decline.
+    pub outcomes: [u64; 3],
+    pub degraded_batches: u64,
+    pub timings: StageTimings,
+}
+
+struct RunningWorkload {
+    name: String,
+    counters: Arc<Counters>,
+    source: SourceHandle,
+    enrich: JoinHandle<Result<(), PipelineError>>,
+    score: std::thread::JoinHandle<Result<(), PipelineError>>,
+    sink: JoinHandle<Result<([u64; 3], StageTimings), PipelineError>>,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    shutdown: Arc<AtomicBool>,
+    workloads: Vec<RunningWorkload>,
+}
+
+impl Pipeline {
+    /// Loads every model, plans every SQL statement, connects, and starts every workload.
+    /// Must be called inside a Tokio runtime.
+    pub async fn start(config: &Config) -> Result<Self, PipelineError> {
+        runtime::environment(config.onnxruntime_library.as_deref())?;
+        let store: Arc<dyn FeatureStore> = Arc::new(RedisFeatureStore::connect(&config.redis)?);
+        let sink: Arc<KafkaSink> = Arc::new(
+            KafkaSink::new(&config.kafka.producer()).map_err(|e| PipelineError::Kafka(e.to_string()))?,
+        );
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mut workloads = Vec::new();
+        for wc in &config.workloads {
+            let model = LoadedModel::load(&wc.model)?;
+            let workload = Arc::new(Workload::build(wc, &model).await?);
+            let scorer = OnnxScorer::new(&model, &wc.scorer)?;
+            tracing::info!(
+                workload = %wc.name,
+                model = %model.metadata.name,
+                model_version = %model.metadata.version,
+                sha256 = %model.metadata.sha256,
+                execution_provider = ?scorer.execution_provider(),
+                "workload ready"
+            );
+            workloads.push(spawn_workload(
+                config,
+                workload,
+                scorer,
+                Arc::clone(&store),
+                Arc::clone(&sink),
+                Arc::clone(&shutdown),
+            )?);
+        }
+        Ok(Self {
+            shutdown,
+            workloads,
+        })
+    }
+
+    /// The flag that stops the pipeline (set by SIGTERM/SIGINT in `main`).
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.shutdown)
+    }
+
+    /// Asks the sources to stop; [`Pipeline::wait`] returns once every stage has drained.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+    }
+
+    /// Live counters per workload name.
+    pub fn counters(&self) -> Vec<(String, Arc<Counters>)> {
+        self.workloads
+            .iter()
+            .map(|w| (w.name.clone(), Arc::clone(&w.counters)))
+            .collect()
+    }
+
+    /// Waits for every workload to stop (after [`Pipeline::stop`], or on a fatal error).
+    pub async fn wait(self) -> Result<Vec<WorkloadReport>, PipelineError> {
+        let mut reports = Vec::new();
+        let mut first_error = None;
+        for w in self.workloads {
+            let source = tokio::task::spawn_blocking(move || w.source.thread.join())
+                .await
+                .map_err(|e| PipelineError::Stopped(e.to_string()))?
+                .map_err(|_| PipelineError::Stopped("source thread panicked".into()))?;
+            let enrich = w.enrich.await.map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            let score = tokio::task::spawn_blocking(move || w.score.join())
+                .await
+                .map_err(|e| PipelineError::Stopped(e.to_string()))?
+                .map_err(|_| PipelineError::Stopped("scorer thread panicked".into()))?;
+            let sink = w.sink.await.map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            match (source, enrich, score, sink) {
+                (Ok(source), Ok(()), Ok(()), Ok((outcomes, timings))) => reports.push(WorkloadReport {
+                    name: w.name,
+                    source,
+                    decisions: w.counters.decisions.load(Ordering::Relaxed),
+                    dead_letters: w.counters.dead_letters.load(Ordering::Relaxed),
+                    outcomes,
+                    degraded_batches: w.counters.degraded_batches.load(Ordering::Relaxed),
+                    timings,
+                }),
+                (s, e, sc, si) => {
+                    let err = [s.err(), e.err(), sc.err(), si.err()].into_iter().flatten().next();
+                    if first_error.is_none() {
+                        first_error = err;
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
+    }
+}
+
+fn spawn_workload(
+    config: &Config,
+    workload: Arc<Workload>,
+    mut scorer: OnnxScorer,
+    store: Arc<dyn FeatureStore>,
+    sink: Arc<KafkaSink>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<RunningWorkload, PipelineError> {
+    let wc = &workload.config;
+    let capacity = wc.channel_capacity;
+    let (input_tx, mut input_rx) = mpsc::channel(capacity);
+    let (enriched_tx, mut enriched_rx) = mpsc::channel(capacity);
+    let (scored_tx, mut scored_rx) = mpsc::channel(capacity);
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
+    let counters = Arc::new(Counters::default());
+
+    let source = spawn_kafka_source(
+        SourceSettings {
+            workload: wc.name.clone(),
+            topic: wc.input_topic.clone(),
+            consumer: config.kafka.consumer(&format!("{}.{}", config.kafka.group_id, wc.name)),
+            max_rows: wc.batch.max_rows,
+            linger: wc.batch.linger,
+        },
+        JsonBatchDecoder::new(workload.input_schema.clone())?,
+        input_tx,
+        ack_rx,
+        Arc::clone(&shutdown),
+    )?;
+
+    let enrich = {
+        let workload = Arc::clone(&workload);
+        let counters = Arc::clone(&counters);
+        tokio::spawn(async move {
+            while let Some(batch) = input_rx.recv().await {
+                let enriched = workload.enrich(store.as_ref(), batch).await;
+                if let Some(reason) = &enriched.degraded {
+                    counters.degraded_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        workload = %workload.name,
+                        rows = enriched.batch.decoded.batch.num_rows(),
+                        error = %reason,
+                        "feature store unavailable; scoring with the model's defaults"
+                    );
+                }
+                if enriched_tx.send(enriched).await.is_err() {
+                    return Err(PipelineError::Stopped("scorer stopped".into()));
+                }
+            }
+            Ok(())
+        })
+    };
+
+    let score = {
+        let workload = Arc::clone(&workload);
+        std::thread::Builder::new()
+            .name(format!("score-{}", workload.name))
+            .spawn(move || {
+                while let Some(enriched) = enriched_rx.blocking_recv() {
+                    let scored = workload.score(&mut scorer, enriched);
+                    if scored_tx.blocking_send(scored).is_err() {
+                        return Err(PipelineError::Stopped("sink stopped".into()));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| PipelineError::Stopped(format!("spawning the scorer thread: {e}")))?
+    };
+
+    let sink_task = {
+        let workload = Arc::clone(&workload);
+        let counters = Arc::clone(&counters);
+        let shutdown = Arc::clone(&shutdown);
+        tokio::spawn(async move {
+            let mut timings = StageTimings::new();
+            let mut outcomes = [0u64; 3];
+            while let Some(scored) = scored_rx.recv().await {
+                let decided = workload.decide(&scored)?;
+                let started = Instant::now();
+                deliver(sink.as_ref(), &decided.records, &workload.name, &shutdown).await?;
+                let produce_time = started.elapsed();
+                let batch = &scored.enriched.batch;
+                // Every output of the batch is acknowledged: its offsets may now be stored.
+                if ack_tx.send(batch.seq).is_err() {
+                    return Err(PipelineError::Stopped("source stopped before its acks".into()));
+                }
+                let now = now_ms();
+                for ts in &decided.decided_timestamps_ms {
+                    let _ = timings.end_to_end_us.record(((now - ts).max(0) as u64) * 1000);
+                }
+                let rows = batch.messages.len() as u64;
+                let _ = timings.rows.record(rows.max(1));
+                let _ = timings.lookup_us.record(micros(scored.enriched.lookup_time));
+                let _ = timings.join_us.record(micros(scored.enriched.join_time));
+                let _ = timings.score_us.record(micros(scored.score_time));
+                let _ = timings.produce_us.record(micros(produce_time));
+                for (total, n) in outcomes.iter_mut().zip(decided.outcomes) {
+                    *total += n as u64;
+                }
+                counters.decisions.fetch_add(decided.decisions as u64, Ordering::Relaxed);
+                counters.dead_letters.fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    workload = %workload.name,
+                    seq = batch.seq,
+                    messages = rows,
+                    decisions = decided.decisions,
+                    dead_letters = decided.dead_letters,
+                    keys_read = scored.enriched.lookup_stats.keys_read,
+                    entities_missing = scored.enriched.lookup_stats.entities_missing,
+                    lookup_us = micros(scored.enriched.lookup_time),
+                    join_us = micros(scored.enriched.join_time),
+                    score_us = micros(scored.score_time),
+                    produce_us = micros(produce_time),
+                    consume_to_ack_us = micros(batch.opened_at.elapsed()),
+                    "batch"
+                );
+            }
+            Ok((outcomes, timings))
+        })
+    };
+
+    Ok(RunningWorkload {
+        name: wc.name.clone(),
+        counters,
+        source,
+        enrich,
+        score,
+        sink: sink_task,
+    })
+}
+
+/// Delivers a batch's records, retrying with backoff: an undelivered batch is never acked.
+/// After shutdown was requested it gives up after [`SHUTDOWN_RETRY_LIMIT`], leaving the batch
+/// uncommitted for the next run.
+async fn deliver(
+    sink: &dyn Sink,
+    records: &[verdict_sinks::OutRecord],
+    workload: &str,
+    shutdown: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let mut backoff = Duration::from_millis(10);
+    let mut shutdown_seen: Option<Instant> = None;
+    loop {
+        match sink.send_all(records).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(workload, error = %e, retry_in_ms = backoff.as_millis() as u64, "delivery failed; retrying the batch");
+                if shutdown.load(Ordering::Relaxed) {
+                    let since = *shutdown_seen.get_or_insert_with(Instant::now);
+                    if since.elapsed() > SHUTDOWN_RETRY_LIMIT {
+                        return Err(PipelineError::Sink(format!(
+                            "gave up delivering a batch during shutdown: {e}; it will be consumed again"
+                        )));
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}

@@ -1,0 +1,112 @@
+//! Decisions batch → one keyed JSON record per row.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Float32Array, Int64Array, ListArray, StringArray};
+use arrow::datatypes::{Float32Type, Int64Type};
+use arrow::record_batch::RecordBatch;
+use verdict_schemas::{DecisionRecord, Outcome};
+
+use crate::sink::OutRecord;
+use crate::{Result, SinkError};
+
+/// Encodes decisions for one workload's decisions topic.
+#[derive(Debug, Clone)]
+pub struct DecisionEncoder {
+    pub topic: Arc<str>,
+    pub workload: String,
+    pub model: String,
+    pub model_version: String,
+}
+
+impl DecisionEncoder {
+    /// `batch` has [`verdict_schemas::decision_arrow_schema`]. Records are keyed by
+    /// transaction id, so all decisions for a transaction land in one partition, in order.
+    pub fn encode(&self, batch: &RecordBatch) -> Result<Vec<OutRecord>> {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| SinkError::Encode(format!("decisions batch has no `{name}` column")))
+        };
+        let ids: &StringArray = column("transaction_id")?.as_string();
+        let outcomes: &StringArray = column("decision")?.as_string();
+        let scores: &Float32Array = column("score")?.as_primitive::<Float32Type>();
+        let event_times: &Int64Array = column("event_time_ms")?.as_primitive::<Int64Type>();
+        let decision_times: &Int64Array = column("decision_time_ms")?.as_primitive::<Int64Type>();
+        let imputed: &ListArray = column("imputed_features")?.as_list();
+
+        let mut records = Vec::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            let outcome = match outcomes.value(row) {
+                "approve" => Outcome::Approve,
+                "review" => Outcome::Review,
+                "decline" => Outcome::Decline,
+                other => return Err(SinkError::Encode(format!("unknown outcome `{other}`"))),
+            };
+            let imputed_row = imputed.value(row);
+            let imputed_names = imputed_row.as_string::<i32>();
+            let record = DecisionRecord {
+                transaction_id: ids.value(row),
+                workload: &self.workload,
+                decision: outcome,
+                score: scores.value(row),
+                model: &self.model,
+                model_version: &self.model_version,
+                event_time_ms: event_times.value(row),
+                decision_time_ms: decision_times.value(row),
+                imputed_features: (0..imputed_names.len())
+                    .map(|i| imputed_names.value(i))
+                    .collect(),
+            };
+            let payload = serde_json::to_vec(&record).map_err(|e| SinkError::Encode(e.to_string()))?;
+            records.push(OutRecord {
+                topic: Arc::clone(&self.topic),
+                key: Some(ids.value(row).as_bytes().to_vec()),
+                payload,
+                headers: Vec::new(),
+            });
+        }
+        Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ListBuilder, StringBuilder};
+    use verdict_schemas::decision_arrow_schema;
+
+    #[test]
+    fn each_row_becomes_a_json_decision_keyed_by_transaction_id() {
+        let mut imputed = ListBuilder::new(StringBuilder::new());
+        imputed.append_value([Some("card_age_days")]);
+        imputed.append_value(Vec::<Option<&str>>::new());
+        let batch = RecordBatch::try_new(
+            decision_arrow_schema(),
+            vec![
+                Arc::new(StringArray::from(vec!["t1", "t2"])),
+                Arc::new(StringArray::from(vec!["decline", "approve"])),
+                Arc::new(Float32Array::from(vec![0.9, 0.01])),
+                Arc::new(Int64Array::from(vec![1, 2])),
+                Arc::new(Int64Array::from(vec![10, 20])),
+                Arc::new(imputed.finish()),
+            ],
+        )
+        .unwrap();
+        let encoder = DecisionEncoder {
+            topic: "decisions".into(),
+            workload: "fraud".into(),
+            model: "m".into(),
+            model_version: "1".into(),
+        };
+        let records = encoder.encode(&batch).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].key.as_deref(), Some(&b"t1"[..]));
+        let first: serde_json::Value = serde_json::from_slice(&records[0].payload).unwrap();
+        assert_eq!(first["decision"], "decline");
+        assert_eq!(first["imputed_features"][0], "card_age_days");
+        assert_eq!(first["model_version"], "1");
+        let second: serde_json::Value = serde_json::from_slice(&records[1].payload).unwrap();
+        assert_eq!(second["imputed_features"].as_array().unwrap().len(), 0);
+    }
+}

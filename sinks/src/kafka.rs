@@ -1,0 +1,93 @@
+//! Kafka sink: a `FutureProducer` shared by every workload of the process.
+//!
+//! Every record of a batch is enqueued first, then all delivery reports are awaited together,
+//! so a batch costs one produce round trip, not one per record. librdkafka retries transient
+//! errors itself (up to `message.timeout.ms`); an error that surfaces here fails the batch, and
+//! the topology, which alone decides, retries it. An idempotent producer's timed-out message
+//! may still have been written, so a retry can duplicate: delivery is at least once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::sink::{OutRecord, Sink};
+use crate::{Result, SinkError};
+
+/// Produces records to Kafka.
+#[derive(Clone)]
+pub struct KafkaSink {
+    producer: FutureProducer,
+}
+
+impl KafkaSink {
+    /// `config` holds librdkafka properties, passed through untouched.
+    pub fn new(config: &ClientConfig) -> Result<Self> {
+        Ok(Self {
+            producer: config.create()?,
+        })
+    }
+
+    /// Waits for queued messages to be delivered (used on shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        Ok(self.producer.flush(timeout)?)
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn send_all(&self, records: &[OutRecord]) -> Result<()> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+            for (key, value) in &record.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let mut future_record = FutureRecord::to(&record.topic)
+                .payload(&record.payload)
+                .headers(headers);
+            if let Some(key) = &record.key {
+                future_record = future_record.key(key);
+            }
+            loop {
+                match self.producer.send_result(future_record) {
+                    Ok(delivery) => {
+                        deliveries.push((delivery, &record.topic));
+                        break;
+                    }
+                    // The local queue is full: block (backpressure) until librdkafka drains it.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        future_record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        for (result, topic) in join_all(deliveries.into_iter().map(|(d, t)| async move { (d.await, t) })).await {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(SinkError::Delivery {
+                        topic: topic.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(_canceled) => {
+                    return Err(SinkError::Delivery {
+                        topic: topic.to_string(),
+                        reason: "producer shut down before the delivery report".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}

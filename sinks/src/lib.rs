@@ -1,0 +1,27 @@
+//! Sinks: where decisions and dead letters go.
+//!
+//! - [`sink`]: the [`Sink`] trait (send a batch of records, resolve when all are acknowledged)
+//!   and an in-memory test double;
+//! - [`kafka`]: the Kafka producer implementation;
+//! - [`encode`]: a decisions `RecordBatch` → keyed JSON records.
+
+pub mod encode;
+pub mod kafka;
+pub mod sink;
+
+pub use encode::DecisionEncoder;
+pub use kafka::KafkaSink;
+pub use sink::{MemorySink, OutRecord, Sink};
+
+/// Errors of the sink stage.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("Kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("delivery to `{topic}` failed: {reason}")]
+    Delivery { topic: String, reason: String },
+    #[error("encoding: {0}")]
+    Encode(String),
+}
+
+pub type Result<T, E = SinkError> = std::result::Result<T, E>;

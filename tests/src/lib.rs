@@ -1,0 +1,207 @@
+//! Helpers for the end-to-end tests: real servers (Tansu, redis-server) started on free ports
+//! by [`verdict::local_stack::LocalStack`], a regular Kafka producer and an independent
+//! decisions consumer, and an independent scoring path to check decisions against.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use verdict::config::{example_config_dir, Config, EXAMPLE_CONFIG};
+use verdict::demo::EXAMPLE_TOPICS;
+use verdict::generator::{Transaction, World};
+use verdict::local_stack::LocalStack;
+
+/// A broker and Redis with the example topics and a world's features loaded.
+pub struct Harness {
+    pub stack: LocalStack,
+    pub world: World,
+    pub config: Config,
+}
+
+impl Harness {
+    pub async fn start(cards: usize, merchants: usize) -> anyhow::Result<Self> {
+        let stack = LocalStack::start()?;
+        stack.create_topics(&EXAMPLE_TOPICS).await?;
+        let world = World::generate(2026, cards, merchants);
+        world.load_into_redis(&stack.redis_url).await?;
+        let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
+        config.kafka.brokers = stack.kafka_bootstrap.clone();
+        config.redis.url = stack.redis_url.clone();
+        // Redis and the broker share two cores with the test: a loaded machine must not
+        // push lookups into degraded mode.
+        config.redis.response_timeout = Duration::from_secs(2);
+        Ok(Self { stack, world, config })
+    }
+
+    /// `count` transactions from the world's seeded stream.
+    pub fn transactions(&self, count: usize, run_id: &str, unknown_card_rate: f64) -> Vec<Transaction> {
+        let mut stream = self.world.transactions(99, run_id, unknown_card_rate);
+        let now = verdict::workload::now_ms();
+        (0..count).map(|i| stream.next_at(now + i as i64)).collect()
+    }
+
+    pub fn input_topic(&self) -> &str {
+        &self.config.workloads[0].input_topic
+    }
+
+    pub fn decisions_topic(&self) -> &str {
+        &self.config.workloads[0].decisions_topic
+    }
+}
+
+/// Produces messages with a plain librdkafka producer (keyed), at `rate` per second if given.
+pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)], rate: Option<f64>) -> anyhow::Result<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "2")
+        .create()?;
+    let started = Instant::now();
+    for (i, (key, payload)) in messages.iter().enumerate() {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Transactions as keyed JSON messages.
+pub fn as_messages(transactions: &[Transaction]) -> Vec<(String, Vec<u8>)> {
+    transactions
+        .iter()
+        .map(|t| (t.transaction_id.clone(), serde_json::to_vec(t).expect("serializable")))
+        .collect()
+}
+
+/// A message as read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Consumes a topic from the beginning on its own thread, with its own consumer group.
+pub struct Collector {
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Collector {
+    pub fn start(brokers: &str, topic: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("collector-{topic}-{}", std::process::id()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let received = Arc::clone(&received);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(result) = consumer.poll(Duration::from_millis(50)) {
+                        let m = result?;
+                        let headers = m
+                            .headers()
+                            .map(|hs| {
+                                use rdkafka::message::Headers;
+                                hs.iter()
+                                    .map(|h| {
+                                        (
+                                            h.key.to_string(),
+                                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        received.lock().unwrap().push(Received {
+                            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                            headers,
+                        });
+                    }
+                }
+                Ok(())
+            })
+        };
+        Ok(Self {
+            received,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn snapshot(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Distinct keys received so far.
+    pub fn distinct_keys(&self) -> usize {
+        let received = self.received.lock().unwrap();
+        received
+            .iter()
+            .filter_map(|r| r.key.as_deref())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
+    /// Waits until `done(received)` holds, or fails after `timeout`.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what} ({} distinct keys so far)",
+                self.distinct_keys()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    pub fn stop(mut self) -> anyhow::Result<Vec<Received>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().map_err(|_| anyhow::anyhow!("collector panicked"))??;
+        }
+        Ok(self.snapshot())
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

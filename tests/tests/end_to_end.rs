@@ -1,0 +1,319 @@
+//! End to end, against a real Kafka-protocol broker (Tansu) and a real redis-server, both
+//! started on free ports by the test itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::TopicPartitionList;
+use redis::Commands;
+use verdict::config::example_config_dir;
+use verdict::generator::Transaction;
+use verdict::Pipeline;
+use verdict_scorers::{LoadedModel, OnnxScorer, OnnxScorerConfig, Scorer};
+use verdict_tests::{as_messages, produce, Collector, Harness};
+
+/// The model's features for one transaction, computed row by row from Redis with plain Rust
+/// — an independent path from the pipeline's Arrow + DataFusion one — and imputed with the
+/// model's documented defaults. Returns the feature vector and the imputed feature names.
+fn features_row_by_row(tx: &Transaction, redis: &mut redis::Connection, model: &LoadedModel) -> (Vec<f32>, Vec<String>) {
+    let card: HashMap<String, String> = redis.hgetall(format!("card:{}", tx.card_id)).unwrap();
+    let merchant: HashMap<String, String> = redis.hgetall(format!("merchant:{}", tx.merchant_id)).unwrap();
+    let num = |h: &HashMap<String, String>, k: &str| h.get(k).map(|v| v.parse::<f64>().unwrap());
+    let raw: Vec<(&str, Option<f64>)> = vec![
+        ("amount", Some(tx.amount)),
+        ("amount_to_card_avg", num(&card, "avg_amount_30d").map(|avg| tx.amount / avg)),
+        ("card_tx_count_30d", num(&card, "tx_count_30d")),
+        ("card_chargebacks_90d", num(&card, "chargeback_count_90d")),
+        ("card_age_days", num(&card, "card_age_days")),
+        (
+            "is_foreign",
+            card.get("home_country").map(|home| if *home != tx.country { 1.0 } else { 0.0 }),
+        ),
+        ("merchant_fraud_rate_90d", num(&merchant, "fraud_rate_90d")),
+        ("merchant_risk_score", num(&merchant, "risk_score")),
+        ("is_online", Some(if tx.channel == "online" { 1.0 } else { 0.0 })),
+        ("hour_of_day", Some(((tx.event_time_ms / 3_600_000) % 24) as f64)),
+    ];
+    let mut values = Vec::new();
+    let mut imputed = Vec::new();
+    for (spec, (name, value)) in model.metadata.features.iter().zip(raw) {
+        assert_eq!(spec.name, name, "the test's feature order must follow model.json");
+        match value {
+            Some(v) => values.push(v as f32),
+            None => {
+                values.push(spec.default.expect("every fraud feature has a default"));
+                imputed.push(name.to_string());
+            }
+        }
+    }
+    (values, imputed)
+}
+
+fn fraud_model() -> LoadedModel {
+    let config = verdict::Config::parse(verdict::config::EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+    LoadedModel::load(&config.workloads[0].model).unwrap()
+}
+
+/// Offsets the group has committed, per partition, and the partitions' end offsets.
+fn committed_and_end(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<(i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| {
+            let c = committed
+                .find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .unwrap_or(-1);
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            (c, high)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transaction_gets_exactly_one_decision_with_the_models_score() -> anyhow::Result<()> {
+    const COUNT: usize = 10_000;
+    let harness = Harness::start(3_000, 1_000).await?;
+    let brokers = harness.stack.kafka_bootstrap.clone();
+    let decisions = Collector::start(&brokers, harness.decisions_topic())?;
+    let pipeline = Pipeline::start(&harness.config).await?;
+
+    // 5% of the cards have no features in Redis.
+    let transactions = harness.transactions(COUNT, "e2e", 0.05);
+    let messages = as_messages(&transactions);
+    let topic = harness.input_topic().to_string();
+    let producer_brokers = brokers.clone();
+    tokio::task::spawn_blocking(move || produce(&producer_brokers, &topic, &messages, None)).await??;
+
+    tokio::task::block_in_place(|| {
+        decisions.wait_until(Duration::from_secs(180), "a decision for every transaction", |c| {
+            c.distinct_keys() >= COUNT
+        })
+    })?;
+    pipeline.stop();
+    let reports = pipeline.wait().await?;
+    // Anything late would show up now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = decisions.stop()?;
+
+    // Exactly one decision per transaction: none missing, none extra.
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for r in &received {
+        let value: serde_json::Value = serde_json::from_slice(&r.payload)?;
+        let id = value["transaction_id"].as_str().unwrap().to_string();
+        assert_eq!(r.key.as_deref(), Some(id.as_str()), "decisions are keyed by transaction id");
+        assert!(by_id.insert(id.clone(), value).is_none(), "two decisions for {id}");
+    }
+    assert_eq!(by_id.len(), COUNT);
+    assert_eq!(reports[0].decisions, COUNT as u64);
+    assert_eq!(reports[0].dead_letters, 0);
+
+    // Every decision fits the published JSON Schema.
+    let schema: serde_json::Value = serde_json::from_str(verdict_schemas::decision::DECISION_JSON_SCHEMA)?;
+    let validator = jsonschema::validator_for(&schema)?;
+    for decision in by_id.values() {
+        if let Err(e) = validator.validate(decision) {
+            panic!("decision does not match decision.schema.json: {e}: {decision}");
+        }
+    }
+
+    // Each score equals the model's score on independently computed features.
+    let model = fraud_model();
+    let mut scorer = OnnxScorer::new(&model, &OnnxScorerConfig::default())?;
+    let mut redis = redis::Client::open(harness.stack.redis_url.as_str())?.get_connection()?;
+    let policy = match &harness.config.workloads[0].policy {
+        verdict::config::PolicyConfig::Fraud(t) => verdict_scorers::FraudPolicy::new(*t)?,
+    };
+    let mut unknown_cards = 0;
+    let mut max_diff = 0f32;
+    for tx in &transactions {
+        let decision = &by_id[&tx.transaction_id];
+        let (features, imputed) = features_row_by_row(tx, &mut redis, &model);
+        let expected = scorer.score(&features, 1)?[0];
+        let got = decision["score"].as_f64().unwrap() as f32;
+        max_diff = max_diff.max((expected - got).abs());
+        assert!(
+            (expected - got).abs() <= 1e-5,
+            "{}: pipeline score {got}, independent score {expected}",
+            tx.transaction_id
+        );
+        assert_eq!(decision["decision"], policy.decide(got).as_str());
+        let reported: Vec<&str> = decision["imputed_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(reported, imputed, "{}", tx.transaction_id);
+        assert_eq!(decision["event_time_ms"].as_i64(), Some(tx.event_time_ms));
+        assert_eq!(decision["model"], model.metadata.name);
+        if tx.card_id.starts_with("card-unknown") {
+            unknown_cards += 1;
+            assert!(reported.contains(&"amount_to_card_avg"));
+        }
+    }
+    assert!(unknown_cards > 100, "the run must include cards without features ({unknown_cards})");
+    eprintln!("max |pipeline - independent| score difference: {max_diff:e}; {unknown_cards} unknown cards");
+
+    // At least once, and everything acknowledged was committed on shutdown.
+    let offsets = committed_and_end(&brokers, "verdict.fraud", harness.input_topic(), 3);
+    for (partition, (committed, end)) in offsets.iter().enumerate() {
+        assert_eq!(committed, end, "partition {partition}: committed {committed}, end {end}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_become_dead_letters_and_the_stream_goes_on() -> anyhow::Result<()> {
+    let harness = Harness::start(200, 50).await?;
+    let brokers = harness.stack.kafka_bootstrap.clone();
+    let decisions = Collector::start(&brokers, harness.decisions_topic())?;
+    let dead = Collector::start(&brokers, &harness.config.workloads[0].dead_letter_topic)?;
+    let pipeline = Pipeline::start(&harness.config).await?;
+
+    let good = harness.transactions(500, "dlq", 0.0);
+    let mut messages = as_messages(&good);
+    let bad: Vec<(&str, &[u8], &str)> = vec![
+        ("bad-json", b"{\"transaction_id\": \"x\",", "invalid-json"),
+        ("bad-type", br#"{"transaction_id":"t","card_id":"c","merchant_id":"m","amount":"ten","currency":"EUR","country":"DE","channel":"pos","event_time_ms":1}"#, "schema-mismatch"),
+        ("bad-missing", br#"{"transaction_id":"t2"}"#, "schema-mismatch"),
+        ("bad-utf8", b"\xff\xfe{}", "not-utf8"),
+        ("bad-empty", b"", "empty-payload"),
+        ("bad-array", b"[1,2,3]", "schema-mismatch"),
+    ];
+    for (i, (key, payload, _)) in bad.iter().enumerate() {
+        messages.insert(i * 80 + 3, (key.to_string(), payload.to_vec()));
+    }
+    let topic = harness.input_topic().to_string();
+    let b = brokers.clone();
+    tokio::task::spawn_blocking(move || produce(&b, &topic, &messages, None)).await??;
+
+    tokio::task::block_in_place(|| {
+        decisions.wait_until(Duration::from_secs(120), "all good decisions", |c| c.distinct_keys() >= good.len())?;
+        dead.wait_until(Duration::from_secs(30), "all dead letters", |c| c.distinct_keys() >= bad.len())
+    })?;
+    pipeline.stop();
+    pipeline.wait().await?;
+    let dead_letters = dead.stop()?;
+    decisions.stop()?;
+
+    for (key, payload, cause) in &bad {
+        let letter = dead_letters
+            .iter()
+            .find(|r| r.key.as_deref() == Some(*key))
+            .unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(letter.payload, *payload, "{key}: the original bytes are kept");
+        assert_eq!(letter.headers["verdict.cause"], *cause, "{key}");
+        assert_eq!(letter.headers["verdict.stage"], "decode");
+        assert_eq!(letter.headers["verdict.source.topic"], harness.input_topic());
+        assert!(letter.headers["verdict.source.offset"].parse::<i64>().is_ok());
+    }
+    Ok(())
+}
+
+/// The `verdict` binary built next to this test.
+fn verdict_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let binary = dir.join("verdict");
+    assert!(
+        binary.is_file(),
+        "{} not found: build it first (`cargo build --release --bins`; deploy/test.sh does)",
+        binary.display()
+    );
+    binary
+}
+
+fn spawn_verdict(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(verdict_binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    child.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Result<()> {
+    const COUNT: usize = 8_000;
+    let harness = Harness::start(1_000, 200).await?;
+    let brokers = harness.stack.kafka_bootstrap.clone();
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("verdict.toml");
+    let model_dir = example_config_dir().join("../../scorers/models/fraud-mlp").canonicalize()?;
+    let text = verdict::config::EXAMPLE_CONFIG
+        .replace("127.0.0.1:9092", &brokers)
+        .replace("redis://127.0.0.1:6379", &harness.stack.redis_url)
+        .replace("response-timeout = \"50ms\"", "response-timeout = \"2s\"")
+        .replace("\"../../scorers/models/fraud-mlp\"", &format!("{:?}", model_dir));
+    std::fs::write(&config_path, text)?;
+
+    let decisions = Collector::start(&brokers, harness.decisions_topic())?;
+    let transactions = harness.transactions(COUNT, "restart", 0.02);
+    let messages = as_messages(&transactions);
+    let topic = harness.input_topic().to_string();
+    let b = brokers.clone();
+    let producer = std::thread::spawn(move || produce(&b, &topic, &messages, Some(2_000.0)));
+
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        // 1. A crash: SIGKILL, no drain, no final commit.
+        let mut first = spawn_verdict(&config_path, &dir.path().join("first.log"));
+        decisions.wait_until(Duration::from_secs(90), "first decisions", |c| c.distinct_keys() >= 1_000)?;
+        first.kill()?;
+        first.wait()?;
+        let after_crash = decisions.distinct_keys();
+
+        // 2. A restart that is stopped gracefully with SIGTERM mid-stream.
+        let mut second = spawn_verdict(&config_path, &dir.path().join("second.log"));
+        decisions.wait_until(Duration::from_secs(90), "decisions after the crash", |c| {
+            c.distinct_keys() >= after_crash + 1_500
+        })?;
+        let status = terminate(&mut second);
+        assert!(status.success(), "graceful shutdown exits 0, got {status}");
+
+        // 3. A third run finishes the stream.
+        let mut third = spawn_verdict(&config_path, &dir.path().join("third.log"));
+        let result = decisions.wait_until(Duration::from_secs(120), "a decision for every transaction", |c| {
+            c.distinct_keys() >= COUNT
+        });
+        let status = terminate(&mut third);
+        result?;
+        assert!(status.success(), "graceful shutdown exits 0, got {status}");
+        Ok(())
+    })?;
+    producer.join().unwrap()?;
+    let received = decisions.stop()?;
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for r in &received {
+        *per_id.entry(r.key.clone().unwrap_or_default()).or_default() += 1;
+    }
+    let missing: Vec<&str> = transactions
+        .iter()
+        .map(|t| t.transaction_id.as_str())
+        .filter(|id| !per_id.contains_key(*id))
+        .collect();
+    assert!(missing.is_empty(), "{} transactions lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let duplicates: usize = per_id.values().map(|n| n - 1).sum();
+    eprintln!("{COUNT} transactions, {} decisions, {duplicates} duplicates after a crash and a restart", received.len());
+    Ok(())
+}
