@@ -35,4 +35,6 @@ fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/verdict/target}"
 echo "setup: cargo build --release (target dir $CARGO_TARGET_DIR)"
-cargo build --release --workspace --bins "$@"
+# --all-targets: the tests' dev-dependencies change feature sets, and building the same set
+# here lets `cargo test` reuse every artifact instead of compiling DataFusion twice.
+cargo build --release --workspace --all-targets "$@"

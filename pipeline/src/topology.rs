@@ -216,7 +216,7 @@ fn spawn_workload(
             max_rows: wc.batch.max_rows,
             linger: wc.batch.linger,
         },
-        JsonBatchDecoder::new(workload.input_schema.clone())?,
+        JsonBatchDecoder::new(workload.input_schema.clone(), wc.batch.max_rows)?,
         input_tx,
         ack_rx,
         Arc::clone(&shutdown),

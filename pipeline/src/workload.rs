@@ -91,7 +91,7 @@ impl Workload {
         let input_schema = arrow_schema_from_json_schema(&config.input_schema, &schema_text)
             .map_err(|e| cfg_err(e.to_string()))?;
         // The SQL sees the decoded batch: input columns + row_id.
-        let decoded_schema = crate::source::JsonBatchDecoder::new(input_schema.clone())?
+        let decoded_schema = crate::source::JsonBatchDecoder::new(input_schema.clone(), 1)?
             .schema()
             .clone();
 
@@ -382,7 +382,7 @@ mod tests {
     }
 
     fn batch(workload: &Workload, messages: Vec<RawMessage>) -> InputBatch {
-        let mut decoder = JsonBatchDecoder::new(workload.input_schema.clone()).unwrap();
+        let mut decoder = JsonBatchDecoder::new(workload.input_schema.clone(), 16).unwrap();
         let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.as_deref()).collect();
         let decoded = decoder.decode(&payloads).unwrap();
         InputBatch {

@@ -61,11 +61,13 @@ pub struct Decoded {
 pub struct JsonBatchDecoder {
     input_schema: SchemaRef,
     output_schema: SchemaRef,
+    max_rows: usize,
     decoder: Decoder,
 }
 
 impl JsonBatchDecoder {
-    pub fn new(input_schema: SchemaRef) -> Result<Self, PipelineError> {
+    /// `max_rows`: the most messages one [`JsonBatchDecoder::decode`] call is given.
+    pub fn new(input_schema: SchemaRef, max_rows: usize) -> Result<Self, PipelineError> {
         if input_schema.index_of(ROW_ID).is_ok() {
             return Err(PipelineError::Config(format!(
                 "the input schema may not declare `{ROW_ID}`: verdict adds it"
@@ -74,17 +76,20 @@ impl JsonBatchDecoder {
         let mut fields: Vec<Arc<Field>> = input_schema.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(ROW_ID, DataType::UInt32, false)));
         let output_schema = Arc::new(Schema::new(fields));
-        let decoder = Self::build(&input_schema)?;
+        let max_rows = max_rows.max(1);
+        let decoder = Self::build(&input_schema, max_rows)?;
         Ok(Self {
             input_schema,
             output_schema,
+            max_rows,
             decoder,
         })
     }
 
-    fn build(schema: &SchemaRef) -> Result<Decoder, PipelineError> {
+    fn build(schema: &SchemaRef, max_rows: usize) -> Result<Decoder, PipelineError> {
+        // The decoder stops accepting rows at its batch size: make it the batch's bound.
         ReaderBuilder::new(Arc::clone(schema))
-            .with_batch_size(usize::MAX >> 1)
+            .with_batch_size(max_rows)
             .build_decoder()
             .map_err(|e| PipelineError::Config(format!("input schema: {e}")))
     }
@@ -96,6 +101,13 @@ impl JsonBatchDecoder {
 
     /// Decodes a batch. `payloads[i]` is message i's value (`None` for a tombstone).
     pub fn decode(&mut self, payloads: &[Option<&[u8]>]) -> Result<Decoded, PipelineError> {
+        if payloads.len() > self.max_rows {
+            return Err(PipelineError::Decode(format!(
+                "{} messages in a batch of at most {}",
+                payloads.len(),
+                self.max_rows
+            )));
+        }
         let mut rejected = Vec::new();
         let mut accepted = Vec::with_capacity(payloads.len());
         let mut fed_ok = true;
@@ -126,7 +138,7 @@ impl JsonBatchDecoder {
             None if fed_ok && accepted.is_empty() => RecordBatch::new_empty(Arc::clone(&self.input_schema)),
             _ => {
                 // Slow path: find the culprits one by one, then decode the rest together.
-                self.decoder = Self::build(&self.input_schema)?;
+                self.decoder = Self::build(&self.input_schema, self.max_rows)?;
                 rejected.clear();
                 accepted.clear();
                 for (index, payload) in payloads.iter().enumerate() {
@@ -148,7 +160,7 @@ impl JsonBatchDecoder {
                     Ok(Some(batch)) => batch,
                     Ok(None) => RecordBatch::new_empty(Arc::clone(&self.input_schema)),
                     Err(e) => {
-                        self.decoder = Self::build(&self.input_schema)?;
+                        self.decoder = Self::build(&self.input_schema, self.max_rows)?;
                         return Err(PipelineError::Decode(format!(
                             "messages that decoded alone failed together: {e}"
                         )));
@@ -201,7 +213,7 @@ impl JsonBatchDecoder {
         };
         if fed.is_err() || flushed.is_err() {
             // Whatever it left behind must not leak into the next message.
-            self.decoder = Self::build(&self.input_schema)
+            self.decoder = Self::build(&self.input_schema, self.max_rows)
                 .map_err(|e| (DecodeCause::SchemaMismatch, e.to_string()))?;
         }
         fed?;
@@ -214,6 +226,7 @@ mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Float64Type;
+    use proptest::strategy::Strategy;
 
     fn decoder() -> JsonBatchDecoder {
         let schema = Arc::new(Schema::new(vec![
@@ -221,7 +234,7 @@ mod tests {
             Field::new("amount", DataType::Float64, false),
             Field::new("note", DataType::Utf8, true),
         ]));
-        JsonBatchDecoder::new(schema).unwrap()
+        JsonBatchDecoder::new(schema, 64).unwrap()
     }
 
     fn decode(d: &mut JsonBatchDecoder, messages: &[&[u8]]) -> Decoded {
@@ -305,7 +318,6 @@ mod tests {
                 proptest::strategy::Just(br#"{"id":"ok","amount":1.25}"#.to_vec()),
                 "[a-z{}\":,0-9 ]{0,30}".prop_map(|s: String| s.into_bytes()),
             ], 0..30)) {
-            use proptest::prelude::Strategy as _;
             let mut d = decoder();
             let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| Some(m.as_slice())).collect();
             let out = d.decode(&payloads).unwrap();
