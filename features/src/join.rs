@@ -79,7 +79,10 @@ impl SqlJoin {
         let ctx = SessionContext::new_with_config(config);
 
         let mut table_schemas = vec![input_schema.clone()];
-        ctx.register_table(INPUT_TABLE, Arc::new(CurrentBatchTable::new(0, input_schema)))?;
+        ctx.register_table(
+            INPUT_TABLE,
+            Arc::new(CurrentBatchTable::new(0, input_schema)),
+        )?;
         for (index, (name, schema)) in lookups.iter().enumerate() {
             table_schemas.push(schema.clone());
             ctx.register_table(
@@ -154,7 +157,9 @@ fn realign(joined: RecordBatch, input_rows: usize) -> Result<RecordBatch> {
     for (position, row_id) in row_ids.iter().enumerate() {
         let row_id = row_id.ok_or_else(|| mismatch(format!("null `{ROW_ID}`")))? as usize;
         if row_id >= input_rows || positions[row_id] != u32::MAX {
-            return Err(mismatch(format!("`{ROW_ID}` {row_id} is out of range or repeated")));
+            return Err(mismatch(format!(
+                "`{ROW_ID}` {row_id} is out of range or repeated"
+            )));
         }
         positions[row_id] = position as u32;
         in_order &= row_id == position;
@@ -364,7 +369,11 @@ mod tests {
             .unwrap();
 
         let first = join
-            .run(&tables(&["a", "b", "c"], &[10.0, 30.0, 5.0], &[Some(5.0), None, Some(10.0)]))
+            .run(&tables(
+                &["a", "b", "c"],
+                &[10.0, 30.0, 5.0],
+                &[Some(5.0), None, Some(10.0)],
+            ))
             .await
             .unwrap();
         assert_batches_eq!(
@@ -439,7 +448,11 @@ mod tests {
         )
         .unwrap();
         let aligned = realign(shuffled, 3).unwrap();
-        let v = aligned.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+        let v = aligned
+            .column(1)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
         assert_eq!(v.values(), &[0.0, 1.0, 2.0]);
     }
 }

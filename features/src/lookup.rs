@@ -331,22 +331,39 @@ mod tests {
     }
 
     fn input(keys: Vec<Option<&str>>) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![Field::new("card_id", DataType::Utf8, true)]));
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "card_id",
+            DataType::Utf8,
+            true,
+        )]));
         RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(keys))]).unwrap()
     }
 
     #[tokio::test]
     async fn lookups_are_aligned_with_duplicates_misses_and_null_keys() {
         let store = InMemoryFeatureStore::new();
-        store.insert("card:a", &[("avg_amount", "10.5"), ("age_days", "3"), ("home", "DE")]);
+        store.insert(
+            "card:a",
+            &[("avg_amount", "10.5"), ("age_days", "3"), ("home", "DE")],
+        );
         store.insert("card:b", &[("avg_amount", "20"), ("age_days", "400")]);
         let lookups = Lookups::new(vec![card_lookup()]);
-        let batch = input(vec![Some("b"), Some("a"), Some("zz"), Some("b"), None, Some("a")]);
+        let batch = input(vec![
+            Some("b"),
+            Some("a"),
+            Some("zz"),
+            Some("b"),
+            None,
+            Some("a"),
+        ]);
 
         let (tables, stats) = lookups.fetch(&store, &batch).await.unwrap();
 
         assert_eq!(store.round_trips(), 1);
-        assert_eq!(stats.keys_read, 3, "b, a, zz: duplicates read once, null key not at all");
+        assert_eq!(
+            stats.keys_read, 3,
+            "b, a, zz: duplicates read once, null key not at all"
+        );
         assert_eq!(stats.entities_missing, 1);
         let expected = [
             "+--------+---------+------------+----------+------+",
@@ -371,10 +388,21 @@ mod tests {
         let store = InMemoryFeatureStore::new();
         store.insert("card:a", &[("avg_amount", "lots"), ("age_days", "7.5")]);
         let lookups = Lookups::new(vec![card_lookup()]);
-        let (tables, stats) = lookups.fetch(&store, &input(vec![Some("a")])).await.unwrap();
+        let (tables, stats) = lookups
+            .fetch(&store, &input(vec![Some("a")]))
+            .await
+            .unwrap();
         assert_eq!(stats.values_unparseable, 2);
-        let avg = tables[0].column(2).as_any().downcast_ref::<Float64Array>().unwrap();
-        let age = tables[0].column(3).as_any().downcast_ref::<Int64Array>().unwrap();
+        let avg = tables[0]
+            .column(2)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        let age = tables[0]
+            .column(3)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
         assert!(avg.is_null(0) && age.is_null(0));
     }
 

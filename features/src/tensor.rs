@@ -108,7 +108,11 @@ mod tests {
         RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(Float64Array::from(vec![Some(1.5), None, Some(f64::INFINITY)])),
+                Arc::new(Float64Array::from(vec![
+                    Some(1.5),
+                    None,
+                    Some(f64::INFINITY),
+                ])),
                 Arc::new(Int64Array::from(vec![Some(7), Some(8), None])),
                 Arc::new(BooleanArray::from(vec![Some(true), Some(false), None])),
             ],
@@ -128,7 +132,11 @@ mod tests {
         // Model order differs from the batch's column order.
         let m = FeatureMatrix::from_batch(
             &batch(),
-            &[col("b", Some(-1.0)), col("a", Some(9.0)), col("c", Some(0.0))],
+            &[
+                col("b", Some(-1.0)),
+                col("a", Some(9.0)),
+                col("c", Some(0.0)),
+            ],
         )
         .unwrap();
         assert_eq!((m.rows, m.features), (3, 3));
@@ -142,7 +150,8 @@ mod tests {
 
     #[test]
     fn missing_value_without_default_marks_the_row_unscorable() {
-        let m = FeatureMatrix::from_batch(&batch(), &[col("a", None), col("b", Some(0.0))]).unwrap();
+        let m =
+            FeatureMatrix::from_batch(&batch(), &[col("a", None), col("b", Some(0.0))]).unwrap();
         assert_eq!(m.unscorable, vec![None, Some(0), Some(0)]);
     }
 

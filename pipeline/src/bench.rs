@@ -86,7 +86,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "verdict bench: {} transactions, offered rate {}, {batch}",
         args.count,
-        args.rate.map(|r| format!("{r:.0} tx/s")).unwrap_or_else(|| "unthrottled".into())
+        args.rate
+            .map(|r| format!("{r:.0} tx/s"))
+            .unwrap_or_else(|| "unthrottled".into())
     );
     let spec = DriveSpec {
         brokers,

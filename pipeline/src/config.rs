@@ -163,12 +163,13 @@ pub enum PolicyConfig {
 impl Config {
     /// Parses a config file; relative paths inside it are resolved against its folder.
     pub fn load(path: &Path) -> Result<Self, PipelineError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            PipelineError::Config(format!("{}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PipelineError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|e| match e {
-            PipelineError::Config(msg) => PipelineError::Config(format!("{}: {msg}", path.display())),
+            PipelineError::Config(msg) => {
+                PipelineError::Config(format!("{}: {msg}", path.display()))
+            }
             other => other,
         })
     }
@@ -201,7 +202,10 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for w in &self.workloads {
             if !names.insert(&w.name) {
-                return Err(PipelineError::Config(format!("workload `{}` is defined twice", w.name)));
+                return Err(PipelineError::Config(format!(
+                    "workload `{}` is defined twice",
+                    w.name
+                )));
             }
             if w.batch.max_rows == 0 || w.batch.max_rows > u32::MAX as usize {
                 return Err(PipelineError::Config(format!(
@@ -239,27 +243,37 @@ mod tests {
         let config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
         let fraud = &config.workloads[0];
         assert_eq!(fraud.name, "fraud");
-        assert!(fraud.model.join("model.json").is_file(), "{:?}", fraud.model);
+        assert!(
+            fraud.model.join("model.json").is_file(),
+            "{:?}",
+            fraud.model
+        );
         assert_eq!(fraud.lookups.len(), 2);
     }
 
     #[test]
     fn unknown_keys_are_errors() {
         let text = EXAMPLE_CONFIG.replace("[kafka]", "[kafka]\nbrokerz = \"x\"");
-        let err = Config::parse(&text, Path::new(".")).unwrap_err().to_string();
+        let err = Config::parse(&text, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("brokerz"), "{err}");
     }
 
     #[test]
     fn debug_output_never_shows_secrets() {
-        let text = EXAMPLE_CONFIG.replace(
-            "[kafka]",
-            "[kafka]\nproperties = { \"sasl.password\" = \"hunter2\" }",
-        )
-        .replace("redis://127.0.0.1:6379", "redis://:hunter3@127.0.0.1:6379");
+        let text = EXAMPLE_CONFIG
+            .replace(
+                "[kafka]",
+                "[kafka]\nproperties = { \"sasl.password\" = \"hunter2\" }",
+            )
+            .replace("redis://127.0.0.1:6379", "redis://:hunter3@127.0.0.1:6379");
         let config = Config::parse(&text, &example_config_dir()).unwrap();
         let printed = format!("{config:?}");
-        assert!(!printed.contains("hunter2") && !printed.contains("hunter3"), "{printed}");
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("hunter3"),
+            "{printed}"
+        );
         assert!(printed.contains("sasl.password"));
     }
 

@@ -39,9 +39,18 @@ pub fn dead_letter(
 ) -> OutRecord {
     let mut headers = message.headers.clone();
     headers.extend([
-        (h::SOURCE_TOPIC.to_string(), message.topic.as_bytes().to_vec()),
-        (h::SOURCE_PARTITION.to_string(), message.partition.to_string().into_bytes()),
-        (h::SOURCE_OFFSET.to_string(), message.offset.to_string().into_bytes()),
+        (
+            h::SOURCE_TOPIC.to_string(),
+            message.topic.as_bytes().to_vec(),
+        ),
+        (
+            h::SOURCE_PARTITION.to_string(),
+            message.partition.to_string().into_bytes(),
+        ),
+        (
+            h::SOURCE_OFFSET.to_string(),
+            message.offset.to_string().into_bytes(),
+        ),
         (h::STAGE.to_string(), stage.as_str().as_bytes().to_vec()),
         (h::CAUSE.to_string(), cause.as_bytes().to_vec()),
         (h::DETAIL.to_string(), detail.as_bytes().to_vec()),
@@ -70,7 +79,14 @@ mod tests {
             payload: Some(b"{bad".to_vec()),
             headers: vec![("trace".into(), b"abc".to_vec())],
         };
-        let record = dead_letter(&message, &"tx.dlq".into(), "fraud", Stage::Decode, "invalid-json", "truncated");
+        let record = dead_letter(
+            &message,
+            &"tx.dlq".into(),
+            "fraud",
+            Stage::Decode,
+            "invalid-json",
+            "truncated",
+        );
         assert_eq!(&*record.topic, "tx.dlq");
         assert_eq!(record.key.as_deref(), Some(&b"k"[..]));
         assert_eq!(record.payload, b"{bad");

@@ -35,7 +35,10 @@ pub const EXAMPLE_TOPICS: [(&str, i32); 3] = [
 
 /// Starts the local servers, creates the example topics, loads a world into Redis and returns
 /// the example config pointed at them.
-pub async fn local_setup(cards: usize, merchants: usize) -> anyhow::Result<(LocalStack, World, Config)> {
+pub async fn local_setup(
+    cards: usize,
+    merchants: usize,
+) -> anyhow::Result<(LocalStack, World, Config)> {
     let stack = LocalStack::start()?;
     stack.create_topics(&EXAMPLE_TOPICS).await?;
     let world = World::generate(42, cards, merchants);
@@ -61,7 +64,9 @@ pub fn sample_bad_messages() -> Vec<Vec<u8>> {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    println!("verdict demo: starting a Kafka-protocol broker (Tansu) and redis-server on free ports");
+    println!(
+        "verdict demo: starting a Kafka-protocol broker (Tansu) and redis-server on free ports"
+    );
     let (stack, world, config) = local_setup(5_000, 500).await?;
     println!(
         "  broker {}  redis {}  ({} cards, {} merchants loaded)",
@@ -126,7 +131,12 @@ pub fn print_summary(drive: &DriveReport, reports: &[WorkloadReport]) {
     mix.sort();
     let mix: Vec<String> = mix
         .iter()
-        .map(|(k, v)| format!("{k} {v} ({:.1}%)", **v as f64 * 100.0 / drive.decided.max(1) as f64))
+        .map(|(k, v)| {
+            format!(
+                "{k} {v} ({:.1}%)",
+                **v as f64 * 100.0 / drive.decided.max(1) as f64
+            )
+        })
         .collect();
     println!("  decision mix  {}", mix.join(", "));
     println!(

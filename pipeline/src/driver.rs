@@ -80,12 +80,16 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         .set("session.timeout.ms", "6000")
         .create()
         .map_err(kafka_err)?;
-    consumer.subscribe(&[spec.decisions_topic.as_str()]).map_err(kafka_err)?;
+    consumer
+        .subscribe(&[spec.decisions_topic.as_str()])
+        .map_err(kafka_err)?;
     // Join the group before producing, so no decision predates the consumer.
     let join_deadline = Instant::now() + Duration::from_secs(60);
     while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
         if Instant::now() > join_deadline {
-            return Err(kafka_err("the decisions consumer got no partitions within 60 s"));
+            return Err(kafka_err(
+                "the decisions consumer got no partitions within 60 s",
+            ));
         }
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             // Decisions from earlier runs: not ours.
@@ -120,7 +124,9 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         if settle_deadline.is_some_and(|d| Instant::now() > d) {
             break;
         }
-        let Some(result) = consumer.poll(Duration::from_millis(50)) else { continue };
+        let Some(result) = consumer.poll(Duration::from_millis(50)) else {
+            continue;
+        };
         let message = result.map_err(kafka_err)?;
         let now = Instant::now();
         let Some(seq) = message
@@ -154,7 +160,8 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         .join()
         .map_err(|_| PipelineError::Stopped("producer thread panicked".into()))??;
 
-    let mut latency_us = Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| PipelineError::Stopped(e.to_string()))?;
+    let mut latency_us = Histogram::new_with_bounds(1, 600_000_000, 3)
+        .map_err(|e| PipelineError::Stopped(e.to_string()))?;
     for (sent, arrived) in send_us.iter().zip(&arrival_us) {
         if *arrived != u64::MAX {
             let _ = latency_us.record(arrived.saturating_sub(*sent).max(1));
@@ -186,7 +193,9 @@ fn produce(
         .map_err(kafka_err)?;
     let mut stream = world.transactions(spec.seed, &spec.run_id, spec.unknown_card_rate);
     let mut send_us = Vec::with_capacity(spec.count);
-    let interval = spec.rate_per_sec.map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
+    let interval = spec
+        .rate_per_sec
+        .map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
     // Spread the bad messages through the run.
     let bad_every = (spec.count / (spec.bad_messages.len() + 1)).max(1);
     let mut bad = spec.bad_messages.iter().enumerate();
@@ -201,16 +210,31 @@ fn produce(
         }
         if i > 0 && i % bad_every == 0 {
             if let Some((n, payload)) = bad.next() {
-                send(&producer, &spec.input_topic, format!("bad-{n}").as_bytes(), payload)?;
+                send(
+                    &producer,
+                    &spec.input_topic,
+                    format!("bad-{n}").as_bytes(),
+                    payload,
+                )?;
             }
         }
         let tx = stream.next_at(now_ms());
         let payload = serde_json::to_vec(&tx).map_err(|e| PipelineError::Decode(e.to_string()))?;
         send_us.push(clock.elapsed().as_micros() as u64);
-        send(&producer, &spec.input_topic, tx.transaction_id.as_bytes(), &payload)?;
+        send(
+            &producer,
+            &spec.input_topic,
+            tx.transaction_id.as_bytes(),
+            &payload,
+        )?;
     }
     for (n, payload) in bad {
-        send(&producer, &spec.input_topic, format!("bad-{n}").as_bytes(), payload)?;
+        send(
+            &producer,
+            &spec.input_topic,
+            format!("bad-{n}").as_bytes(),
+            payload,
+        )?;
     }
     producer.flush(Duration::from_secs(30)).map_err(kafka_err)?;
     let produce_elapsed = started.elapsed();

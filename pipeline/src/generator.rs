@@ -77,7 +77,11 @@ impl World {
                 id: format!("card-{i}"),
                 avg_amount_30d: ((50f64).ln() + 0.8 * normal(&mut rng)).exp(),
                 tx_count_30d: rng.random_range(0..=120),
-                chargeback_count_90d: if rng.random::<f64>() < 0.95 { 0 } else { rng.random_range(1..=3) },
+                chargeback_count_90d: if rng.random::<f64>() < 0.95 {
+                    0
+                } else {
+                    rng.random_range(1..=3)
+                },
                 card_age_days: rng.random_range(1..=3650),
                 home_country: country(&mut rng),
             })
@@ -144,7 +148,12 @@ impl World {
 
     /// An endless, seeded stream of transactions over this world. `unknown_card_rate` of them
     /// use a card that has no features in Redis.
-    pub fn transactions(&self, seed: u64, run_id: &str, unknown_card_rate: f64) -> Transactions<'_> {
+    pub fn transactions(
+        &self,
+        seed: u64,
+        run_id: &str,
+        unknown_card_rate: f64,
+    ) -> Transactions<'_> {
         Transactions {
             world: self,
             rng: StdRng::seed_from_u64(seed),
@@ -177,7 +186,11 @@ impl Transactions<'_> {
         } else {
             card.home_country
         };
-        let channel = if rng.random::<f64>() < 0.6 { "online" } else { "pos" };
+        let channel = if rng.random::<f64>() < 0.6 {
+            "online"
+        } else {
+            "pos"
+        };
         let seq = self.next;
         self.next += 1;
         Transaction {
@@ -208,7 +221,10 @@ mod tests {
         assert_eq!(a.cards[17].avg_amount_30d, b.cards[17].avg_amount_30d);
         let ta = a.transactions(1, "r", 0.1).next_at(5);
         let tb = b.transactions(1, "r", 0.1).next_at(5);
-        assert_eq!(serde_json::to_string(&ta).unwrap(), serde_json::to_string(&tb).unwrap());
+        assert_eq!(
+            serde_json::to_string(&ta).unwrap(),
+            serde_json::to_string(&tb).unwrap()
+        );
     }
 
     #[test]

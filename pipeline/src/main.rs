@@ -4,11 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 use verdict::{bench, demo, Config, Pipeline};
 
 #[derive(Parser)]
-#[command(name = "verdict", version, about = "Streaming real-time scoring: Kafka → Arrow → Redis + DataFusion → ONNX Runtime → Kafka")]
+#[command(
+    name = "verdict",
+    version,
+    about = "Streaming real-time scoring: Kafka → Arrow → Redis + DataFusion → ONNX Runtime → Kafka"
+)]
 struct Cli {
     /// Log format: `text` for terminals, `json` for log collectors.
     #[arg(long, global = true, default_value = "text")]
@@ -40,7 +45,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // RUST_LOG wins; otherwise info for verdict, warnings for the rest.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,verdict=info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,verdict=info"));
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
     match cli.log_format {
         LogFormat::Text => subscriber.init(),
@@ -62,10 +68,17 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
+    // Listen before starting anything: a SIGTERM that arrives while models load and the
+    // consumer joins must still mean "stop cleanly", not the default "die at once".
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let pipeline = Pipeline::start(&config).await?;
     let stop = pipeline.shutdown_flag();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
         tracing::info!("signal received: draining in-flight batches and committing");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
@@ -79,20 +92,4 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops verdict");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -103,7 +103,8 @@ impl Pipeline {
         runtime::environment(config.onnxruntime_library.as_deref())?;
         let store: Arc<dyn FeatureStore> = Arc::new(RedisFeatureStore::connect(&config.redis)?);
         let sink: Arc<KafkaSink> = Arc::new(
-            KafkaSink::new(&config.kafka.producer()).map_err(|e| PipelineError::Kafka(e.to_string()))?,
+            KafkaSink::new(&config.kafka.producer())
+                .map_err(|e| PipelineError::Kafka(e.to_string()))?,
         );
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut workloads = Vec::new();
@@ -161,24 +162,35 @@ impl Pipeline {
                 .await
                 .map_err(|e| PipelineError::Stopped(e.to_string()))?
                 .map_err(|_| PipelineError::Stopped("source thread panicked".into()))?;
-            let enrich = w.enrich.await.map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            let enrich = w
+                .enrich
+                .await
+                .map_err(|e| PipelineError::Stopped(e.to_string()))?;
             let score = tokio::task::spawn_blocking(move || w.score.join())
                 .await
                 .map_err(|e| PipelineError::Stopped(e.to_string()))?
                 .map_err(|_| PipelineError::Stopped("scorer thread panicked".into()))?;
-            let sink = w.sink.await.map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            let sink = w
+                .sink
+                .await
+                .map_err(|e| PipelineError::Stopped(e.to_string()))?;
             match (source, enrich, score, sink) {
-                (Ok(source), Ok(()), Ok(()), Ok((outcomes, timings))) => reports.push(WorkloadReport {
-                    name: w.name,
-                    source,
-                    decisions: w.counters.decisions.load(Ordering::Relaxed),
-                    dead_letters: w.counters.dead_letters.load(Ordering::Relaxed),
-                    outcomes,
-                    degraded_batches: w.counters.degraded_batches.load(Ordering::Relaxed),
-                    timings,
-                }),
+                (Ok(source), Ok(()), Ok(()), Ok((outcomes, timings))) => {
+                    reports.push(WorkloadReport {
+                        name: w.name,
+                        source,
+                        decisions: w.counters.decisions.load(Ordering::Relaxed),
+                        dead_letters: w.counters.dead_letters.load(Ordering::Relaxed),
+                        outcomes,
+                        degraded_batches: w.counters.degraded_batches.load(Ordering::Relaxed),
+                        timings,
+                    })
+                }
                 (s, e, sc, si) => {
-                    let err = [s.err(), e.err(), sc.err(), si.err()].into_iter().flatten().next();
+                    let err = [s.err(), e.err(), sc.err(), si.err()]
+                        .into_iter()
+                        .flatten()
+                        .next();
                     if first_error.is_none() {
                         first_error = err;
                     }
@@ -212,7 +224,9 @@ fn spawn_workload(
         SourceSettings {
             workload: wc.name.clone(),
             topic: wc.input_topic.clone(),
-            consumer: config.kafka.consumer(&format!("{}.{}", config.kafka.group_id, wc.name)),
+            consumer: config
+                .kafka
+                .consumer(&format!("{}.{}", config.kafka.group_id, wc.name)),
             max_rows: wc.batch.max_rows,
             linger: wc.batch.linger,
         },
@@ -276,23 +290,33 @@ fn spawn_workload(
                 let batch = &scored.enriched.batch;
                 // Every output of the batch is acknowledged: its offsets may now be stored.
                 if ack_tx.send(batch.seq).is_err() {
-                    return Err(PipelineError::Stopped("source stopped before its acks".into()));
+                    return Err(PipelineError::Stopped(
+                        "source stopped before its acks".into(),
+                    ));
                 }
                 let now = now_ms();
                 for ts in &decided.decided_timestamps_ms {
-                    let _ = timings.end_to_end_us.record(((now - ts).max(0) as u64) * 1000);
+                    let _ = timings
+                        .end_to_end_us
+                        .record(((now - ts).max(0) as u64) * 1000);
                 }
                 let rows = batch.messages.len() as u64;
                 let _ = timings.rows.record(rows.max(1));
-                let _ = timings.lookup_us.record(micros(scored.enriched.lookup_time));
+                let _ = timings
+                    .lookup_us
+                    .record(micros(scored.enriched.lookup_time));
                 let _ = timings.join_us.record(micros(scored.enriched.join_time));
                 let _ = timings.score_us.record(micros(scored.score_time));
                 let _ = timings.produce_us.record(micros(produce_time));
                 for (total, n) in outcomes.iter_mut().zip(decided.outcomes) {
                     *total += n as u64;
                 }
-                counters.decisions.fetch_add(decided.decisions as u64, Ordering::Relaxed);
-                counters.dead_letters.fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
+                counters
+                    .decisions
+                    .fetch_add(decided.decisions as u64, Ordering::Relaxed);
+                counters
+                    .dead_letters
+                    .fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
                 counters.batches.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     workload = %workload.name,

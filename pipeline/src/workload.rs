@@ -5,12 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arrow::array::{Array, AsArray, Float32Array, Int64Array, ListBuilder, StringArray, StringBuilder};
+use arrow::array::{
+    Array, AsArray, Float32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use verdict_features::lookup::{LookupStats, Lookups};
 use verdict_features::{FeatureColumn, FeatureMatrix, FeatureStore, SqlJoin};
-use verdict_schemas::{arrow_schema_from_json_schema, builtin_input_schema, decision_arrow_schema, Outcome};
+use verdict_schemas::{
+    arrow_schema_from_json_schema, builtin_input_schema, decision_arrow_schema, Outcome,
+};
 use verdict_scorers::{FraudPolicy, LoadedModel, Scorer};
 use verdict_sinks::{DecisionEncoder, OutRecord};
 
@@ -78,8 +82,12 @@ pub struct Decided {
 impl Workload {
     /// Builds a workload: derives the input schema, plans the SQL, and checks that the SQL
     /// output carries every model feature (a mismatch names the feature and the model file).
-    pub async fn build(config: &WorkloadConfig, model: &LoadedModel) -> Result<Self, PipelineError> {
-        let cfg_err = |msg: String| PipelineError::Config(format!("workload `{}`: {msg}", config.name));
+    pub async fn build(
+        config: &WorkloadConfig,
+        model: &LoadedModel,
+    ) -> Result<Self, PipelineError> {
+        let cfg_err =
+            |msg: String| PipelineError::Config(format!("workload `{}`: {msg}", config.name));
         let schema_text = if config.input_schema.ends_with(".json") {
             std::fs::read_to_string(&config.input_schema)
                 .map_err(|e| cfg_err(format!("input-schema {}: {e}", config.input_schema)))?
@@ -106,10 +114,18 @@ impl Workload {
             .map_err(|e| cfg_err(format!("sql: {e}")))?;
 
         let output = join.output_schema();
-        for (column, wanted) in [(TRANSACTION_ID, DataType::Utf8), (EVENT_TIME_MS, DataType::Int64)] {
+        for (column, wanted) in [
+            (TRANSACTION_ID, DataType::Utf8),
+            (EVENT_TIME_MS, DataType::Int64),
+        ] {
             match output.field_with_name(column) {
                 Ok(f) if f.data_type() == &wanted => {}
-                Ok(f) => return Err(cfg_err(format!("sql: `{column}` is {}, expected {wanted}", f.data_type()))),
+                Ok(f) => {
+                    return Err(cfg_err(format!(
+                        "sql: `{column}` is {}, expected {wanted}",
+                        f.data_type()
+                    )))
+                }
                 Err(_) => return Err(cfg_err(format!("sql: the output must contain `{column}`"))),
             }
         }
@@ -171,7 +187,11 @@ impl Workload {
             Ok((tables, stats)) => (Ok(tables), stats, None),
             Err(e) => {
                 let reason = e.to_string();
-                (self.lookups.all_missing(rows), LookupStats::default(), Some(reason))
+                (
+                    self.lookups.all_missing(rows),
+                    LookupStats::default(),
+                    Some(reason),
+                )
             }
         };
         let lookup_time = started.elapsed();
@@ -272,10 +292,10 @@ impl Workload {
                     .map(|c| c.as_primitive::<Int64Type>().clone())
                     .ok_or_else(|| PipelineError::Decode("no event_time_ms".into()))?;
                 let mut keep = Vec::with_capacity(joined.num_rows());
-                for row in 0..joined.num_rows() {
+                for (row, &message) in row_message.iter().enumerate() {
                     if let Some(feature) = matrix.unscorable[row] {
                         out.records.push(dead_letter(
-                            &batch.messages[row_message[row]],
+                            &batch.messages[message],
                             &self.dead_letter_topic,
                             &self.name,
                             Stage::Score,
@@ -287,7 +307,7 @@ impl Workload {
                         ));
                     } else if ids.is_null(row) {
                         out.records.push(dead_letter(
-                            &batch.messages[row_message[row]],
+                            &batch.messages[message],
                             &self.dead_letter_topic,
                             &self.name,
                             Stage::Score,
@@ -316,9 +336,13 @@ impl Workload {
                 let decisions = RecordBatch::try_new(
                     decision_arrow_schema(),
                     vec![
-                        Arc::new(StringArray::from_iter_values(keep.iter().map(|&r| ids.value(r)))),
+                        Arc::new(StringArray::from_iter_values(
+                            keep.iter().map(|&r| ids.value(r)),
+                        )),
                         Arc::new(StringArray::from(outcomes)),
-                        Arc::new(Float32Array::from_iter_values(keep.iter().map(|&r| scores[r]))),
+                        Arc::new(Float32Array::from_iter_values(
+                            keep.iter().map(|&r| scores[r]),
+                        )),
                         Arc::new(Int64Array::from_iter(keep.iter().map(|&r| {
                             Some(if times.is_null(r) { 0 } else { times.value(r) })
                         }))),
@@ -360,7 +384,9 @@ mod tests {
     async fn fraud() -> Workload {
         let config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
         let wc = &config.workloads[0];
-        Workload::build(wc, &LoadedModel::load(&wc.model).unwrap()).await.unwrap()
+        Workload::build(wc, &LoadedModel::load(&wc.model).unwrap())
+            .await
+            .unwrap()
     }
 
     fn message(offset: i64, payload: &str) -> RawMessage {
@@ -405,7 +431,10 @@ mod tests {
                 ("home_country", "DE"),
             ],
         );
-        store.insert("merchant:m1", &[("fraud_rate_90d", "0.01"), ("risk_score", "0.2")]);
+        store.insert(
+            "merchant:m1",
+            &[("fraud_rate_90d", "0.01"), ("risk_score", "0.2")],
+        );
         store
     }
 
@@ -462,7 +491,10 @@ mod tests {
 
     #[async_trait]
     impl verdict_features::FeatureStore for DownStore {
-        async fn read_hashes(&self, _: &[HashRead<'_>]) -> Result<Vec<Vec<Option<String>>>, FeatureError> {
+        async fn read_hashes(
+            &self,
+            _: &[HashRead<'_>],
+        ) -> Result<Vec<Vec<Option<String>>>, FeatureError> {
             Err(FeatureError::StoreTimeout { timeout_ms: 50 })
         }
     }
@@ -475,9 +507,14 @@ mod tests {
         assert!(enriched.degraded.as_deref().unwrap().contains("50 ms"));
         let decided = w.decide(&w.score(&mut ratio_scorer(), enriched)).unwrap();
         assert_eq!(decided.decisions, 1);
-        let decision: serde_json::Value = serde_json::from_slice(&decided.records[0].payload).unwrap();
+        let decision: serde_json::Value =
+            serde_json::from_slice(&decided.records[0].payload).unwrap();
         let imputed = decision["imputed_features"].as_array().unwrap();
-        assert_eq!(imputed.len(), 7, "every looked-up feature is imputed: {imputed:?}");
+        assert_eq!(
+            imputed.len(),
+            7,
+            "every looked-up feature is imputed: {imputed:?}"
+        );
     }
 
     #[tokio::test]
@@ -490,6 +527,9 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("`hour_of_day`") && err.contains("model.json"), "{err}");
+        assert!(
+            err.contains("`hour_of_day`") && err.contains("model.json"),
+            "{err}"
+        );
     }
 }

@@ -42,6 +42,27 @@ pub struct DecisionRecord<'a> {
     pub imputed_features: Vec<&'a str>,
 }
 
+/// Arrow schema of the decisions batch that flows from the policy to the sink: one row per
+/// input transaction. The sink encodes each row as a [`DecisionRecord`].
+pub fn decision_arrow_schema() -> arrow::datatypes::SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema};
+    std::sync::Arc::new(Schema::new(vec![
+        Field::new("transaction_id", DataType::Utf8, false),
+        Field::new("decision", DataType::Utf8, false),
+        Field::new("score", DataType::Float32, false),
+        Field::new("event_time_ms", DataType::Int64, false),
+        Field::new("decision_time_ms", DataType::Int64, false),
+        Field::new(
+            "imputed_features",
+            DataType::List(std::sync::Arc::new(Field::new_list_field(
+                DataType::Utf8,
+                true,
+            ))),
+            false,
+        ),
+    ]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,22 +90,4 @@ mod tests {
         bad["decision"] = "maybe".into();
         assert!(!validator.is_valid(&bad));
     }
-}
-
-/// Arrow schema of the decisions batch that flows from the policy to the sink: one row per
-/// input transaction. The sink encodes each row as a [`DecisionRecord`].
-pub fn decision_arrow_schema() -> arrow::datatypes::SchemaRef {
-    use arrow::datatypes::{DataType, Field, Schema};
-    std::sync::Arc::new(Schema::new(vec![
-        Field::new("transaction_id", DataType::Utf8, false),
-        Field::new("decision", DataType::Utf8, false),
-        Field::new("score", DataType::Float32, false),
-        Field::new("event_time_ms", DataType::Int64, false),
-        Field::new("decision_time_ms", DataType::Int64, false),
-        Field::new(
-            "imputed_features",
-            DataType::List(std::sync::Arc::new(Field::new_list_field(DataType::Utf8, true))),
-            false,
-        ),
-    ]))
 }

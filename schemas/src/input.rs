@@ -28,7 +28,10 @@ pub fn builtin_input_schema(name: &str) -> Result<&'static str, SchemaError> {
 }
 
 /// Derives the Arrow schema of a flat JSON object schema. `name` is only used in errors.
-pub fn arrow_schema_from_json_schema(name: &str, json_schema: &str) -> Result<SchemaRef, SchemaError> {
+pub fn arrow_schema_from_json_schema(
+    name: &str,
+    json_schema: &str,
+) -> Result<SchemaRef, SchemaError> {
     let unsupported = |reason: String| SchemaError::Unsupported {
         schema: name.to_string(),
         reason,
@@ -57,7 +60,11 @@ pub fn arrow_schema_from_json_schema(name: &str, json_schema: &str) -> Result<Sc
                     .collect();
                 match non_null.as_slice() {
                     [one] => (*one, non_null.len() < types.len()),
-                    _ => return Err(unsupported(format!("property `{prop}` must have exactly one non-null type"))),
+                    _ => {
+                        return Err(unsupported(format!(
+                            "property `{prop}` must have exactly one non-null type"
+                        )))
+                    }
                 }
             }
             _ => return Err(unsupported(format!("property `{prop}` has no `type`"))),
@@ -78,7 +85,9 @@ pub fn arrow_schema_from_json_schema(name: &str, json_schema: &str) -> Result<Sc
     }
     for r in &required {
         if !properties.contains_key(*r) {
-            return Err(unsupported(format!("required property `{r}` is not declared")));
+            return Err(unsupported(format!(
+                "required property `{r}` is not declared"
+            )));
         }
     }
     Ok(Arc::new(Schema::new(fields)))
@@ -115,9 +124,10 @@ mod tests {
 
     #[test]
     fn nested_and_undeclared_properties_are_refused_with_the_property_name() {
-        let err = arrow_schema_from_json_schema("t", r#"{"properties": {"x": {"type": "object"}}}"#)
-            .unwrap_err()
-            .to_string();
+        let err =
+            arrow_schema_from_json_schema("t", r#"{"properties": {"x": {"type": "object"}}}"#)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("`x`"), "{err}");
         let err = arrow_schema_from_json_schema("t", r#"{"required": ["y"], "properties": {}}"#)
             .unwrap_err()

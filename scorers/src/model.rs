@@ -147,7 +147,10 @@ mod tests {
         onnx[last] ^= 0xff;
         std::fs::write(dir.join("model.onnx"), onnx).unwrap();
         let err = LoadedModel::load(dir).unwrap_err().to_string();
-        assert!(err.contains("model.onnx") && err.contains("SHA-256"), "{err}");
+        assert!(
+            err.contains("model.onnx") && err.contains("SHA-256"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -141,7 +141,10 @@ impl OnnxScorer {
             if columns > 0 && meta.output.column as i64 >= columns {
                 return Err(contract(
                     "output.column",
-                    format!("column {} but `{}` has {columns}", meta.output.column, meta.output.name),
+                    format!(
+                        "column {} but `{}` has {columns}",
+                        meta.output.column, meta.output.name
+                    ),
                 ));
             }
         }
@@ -162,7 +165,10 @@ impl OnnxScorer {
 }
 
 fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    names.map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn check_tensor(ty: &ValueType, width: usize, what: &str, name: &str) -> Result<(), String> {
@@ -200,7 +206,11 @@ impl Scorer for OnnxScorer {
             .session
             .run(ort::inputs![self.input.as_str() => tensor])?;
         let (shape, values) = outputs[self.output.as_str()].try_extract_tensor::<f32>()?;
-        let width = if shape.len() >= 2 { shape[1] as usize } else { 1 };
+        let width = if shape.len() >= 2 {
+            shape[1] as usize
+        } else {
+            1
+        };
         if values.len() != rows * width {
             return Err(ScorerError::Score(format!(
                 "output `{}` has {} values for {rows} rows",
@@ -236,7 +246,11 @@ mod tests {
         let matrix: Vec<f32> = golden.iter().flat_map(|g| g.features.clone()).collect();
         let scores = scorer.score(&matrix, golden.len()).unwrap();
         for (g, s) in golden.iter().zip(&scores) {
-            assert!((g.score - s).abs() < 1e-5, "sklearn {} vs onnxruntime {s}", g.score);
+            assert!(
+                (g.score - s).abs() < 1e-5,
+                "sklearn {} vs onnxruntime {s}",
+                g.score
+            );
         }
         // Row by row gives the same scores as the batch.
         for (i, g) in golden.iter().enumerate() {

@@ -120,6 +120,9 @@ mod tests {
     #[test]
     fn the_library_is_found_in_the_project_venv() {
         let found = find_library(None).unwrap();
-        assert!(found.to_string_lossy().contains("libonnxruntime.so"), "{found:?}");
+        assert!(
+            found.to_string_lossy().contains("libonnxruntime.so"),
+            "{found:?}"
+        );
     }
 }

@@ -58,7 +58,8 @@ impl DecisionEncoder {
                     .map(|i| imputed_names.value(i))
                     .collect(),
             };
-            let payload = serde_json::to_vec(&record).map_err(|e| SinkError::Encode(e.to_string()))?;
+            let payload =
+                serde_json::to_vec(&record).map_err(|e| SinkError::Encode(e.to_string()))?;
             records.push(OutRecord {
                 topic: Arc::clone(&self.topic),
                 key: Some(ids.value(row).as_bytes().to_vec()),

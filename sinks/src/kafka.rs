@@ -71,7 +71,13 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        for (result, topic) in join_all(deliveries.into_iter().map(|(d, t)| async move { (d.await, t) })).await {
+        for (result, topic) in join_all(
+            deliveries
+                .into_iter()
+                .map(|(d, t)| async move { (d.await, t) }),
+        )
+        .await
+        {
             match result {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {

@@ -36,11 +36,20 @@ impl Harness {
         // Redis and the broker share two cores with the test: a loaded machine must not
         // push lookups into degraded mode.
         config.redis.response_timeout = Duration::from_secs(2);
-        Ok(Self { stack, world, config })
+        Ok(Self {
+            stack,
+            world,
+            config,
+        })
     }
 
     /// `count` transactions from the world's seeded stream.
-    pub fn transactions(&self, count: usize, run_id: &str, unknown_card_rate: f64) -> Vec<Transaction> {
+    pub fn transactions(
+        &self,
+        count: usize,
+        run_id: &str,
+        unknown_card_rate: f64,
+    ) -> Vec<Transaction> {
         let mut stream = self.world.transactions(99, run_id, unknown_card_rate);
         let now = verdict::workload::now_ms();
         (0..count).map(|i| stream.next_at(now + i as i64)).collect()
@@ -56,7 +65,12 @@ impl Harness {
 }
 
 /// Produces messages with a plain librdkafka producer (keyed), at `rate` per second if given.
-pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)], rate: Option<f64>) -> anyhow::Result<()> {
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    messages: &[(String, Vec<u8>)],
+    rate: Option<f64>,
+) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "2")
@@ -69,7 +83,9 @@ pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)], rate:
                 std::thread::sleep(wait);
             }
         }
-        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+        let mut record = BaseRecord::to(topic)
+            .key(key.as_str())
+            .payload(payload.as_slice());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -88,13 +104,20 @@ pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)], rate:
 pub fn as_messages(transactions: &[Transaction]) -> Vec<(String, Vec<u8>)> {
     transactions
         .iter()
-        .map(|t| (t.transaction_id.clone(), serde_json::to_vec(t).expect("serializable")))
+        .map(|t| {
+            (
+                t.transaction_id.clone(),
+                serde_json::to_vec(t).expect("serializable"),
+            )
+        })
         .collect()
 }
 
 /// A message as read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub partition: i32,
+    pub offset: i64,
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub headers: HashMap<String, String>,
@@ -111,7 +134,10 @@ impl Collector {
     pub fn start(brokers: &str, topic: &str) -> anyhow::Result<Self> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("group.id", format!("collector-{topic}-{}", std::process::id()))
+            .set(
+                "group.id",
+                format!("collector-{topic}-{}", std::process::id()),
+            )
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", "6000")
@@ -135,13 +161,16 @@ impl Collector {
                                     .map(|h| {
                                         (
                                             h.key.to_string(),
-                                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                            String::from_utf8_lossy(h.value.unwrap_or_default())
+                                                .into_owned(),
                                         )
                                     })
                                     .collect()
                             })
                             .unwrap_or_default();
                         received.lock().unwrap().push(Received {
+                            partition: m.partition(),
+                            offset: m.offset(),
                             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                             payload: m.payload().unwrap_or_default().to_vec(),
                             headers,
@@ -194,7 +223,8 @@ impl Collector {
     pub fn stop(mut self) -> anyhow::Result<Vec<Received>> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            t.join().map_err(|_| anyhow::anyhow!("collector panicked"))??;
+            t.join()
+                .map_err(|_| anyhow::anyhow!("collector panicked"))??;
         }
         Ok(self.snapshot())
     }

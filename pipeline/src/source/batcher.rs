@@ -97,7 +97,10 @@ mod tests {
         // The next batch's linger starts at its own first message.
         b.push(3, t0 + Duration::from_millis(20));
         assert!(b.poll_expired(t0 + Duration::from_millis(24)).is_none());
-        assert_eq!(b.poll_expired(t0 + Duration::from_millis(25)), Some(vec![3]));
+        assert_eq!(
+            b.poll_expired(t0 + Duration::from_millis(25)),
+            Some(vec![3])
+        );
     }
 
     #[test]
@@ -105,10 +108,19 @@ mod tests {
         let t0 = Instant::now();
         let mut b: MicroBatcher<u8> = MicroBatcher::new(10, LINGER);
         assert!(b.poll_expired(t0 + Duration::from_secs(60)).is_none());
-        assert_eq!(b.wait_budget(t0, Duration::from_millis(100)), Duration::from_millis(100));
+        assert_eq!(
+            b.wait_budget(t0, Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
         b.push(1, t0);
-        assert_eq!(b.wait_budget(t0 + Duration::from_millis(2), Duration::from_millis(100)), Duration::from_millis(3));
-        assert_eq!(b.wait_budget(t0 + Duration::from_millis(9), Duration::from_millis(100)), Duration::ZERO);
+        assert_eq!(
+            b.wait_budget(t0 + Duration::from_millis(2), Duration::from_millis(100)),
+            Duration::from_millis(3)
+        );
+        assert_eq!(
+            b.wait_budget(t0 + Duration::from_millis(9), Duration::from_millis(100)),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -135,7 +135,9 @@ impl JsonBatchDecoder {
         };
         let batch = match fast {
             Some(batch) if batch.num_rows() == accepted.len() => batch,
-            None if fed_ok && accepted.is_empty() => RecordBatch::new_empty(Arc::clone(&self.input_schema)),
+            None if fed_ok && accepted.is_empty() => {
+                RecordBatch::new_empty(Arc::clone(&self.input_schema))
+            }
             _ => {
                 // Slow path: find the culprits one by one, then decode the rest together.
                 self.decoder = Self::build(&self.input_schema, self.max_rows)?;
@@ -153,7 +155,9 @@ impl JsonBatchDecoder {
                 }
                 for index in &accepted {
                     self.feed(payloads[*index]).map_err(|(_, d)| {
-                        PipelineError::Decode(format!("a message that decoded alone failed in its batch: {d}"))
+                        PipelineError::Decode(format!(
+                            "a message that decoded alone failed in its batch: {d}"
+                        ))
                     })?;
                 }
                 match self.decoder.flush() {
@@ -187,20 +191,31 @@ impl JsonBatchDecoder {
             _ => return Err((DecodeCause::EmptyPayload, "message has no value".into())),
         };
         if let Err(e) = std::str::from_utf8(payload) {
-            return Err((DecodeCause::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())));
+            return Err((
+                DecodeCause::NotUtf8,
+                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+            ));
         }
         let before = self.decoder.len();
         let invalid = |detail: String| (DecodeCause::InvalidJson, detail);
-        let consumed = self.decoder.decode(payload).map_err(|e| invalid(e.to_string()))?;
+        let consumed = self
+            .decoder
+            .decode(payload)
+            .map_err(|e| invalid(e.to_string()))?;
         if consumed != payload.len() {
-            return Err(invalid(format!("decoder stopped at byte {consumed} of {}", payload.len())));
+            return Err(invalid(format!(
+                "decoder stopped at byte {consumed} of {}",
+                payload.len()
+            )));
         }
         if self.decoder.has_partial_record() {
             return Err(invalid("truncated JSON value".into()));
         }
         match self.decoder.len() - before {
             1 => Ok(()),
-            n => Err(invalid(format!("expected one JSON object per message, found {n}"))),
+            n => Err(invalid(format!(
+                "expected one JSON object per message, found {n}"
+            ))),
         }
     }
 
@@ -247,7 +262,10 @@ mod tests {
         let mut d = decoder();
         let out = decode(
             &mut d,
-            &[br#"{"id":"a","amount":1.5}"#, br#"{"id":"b","amount":2,"note":"x","extra":[1]}"#],
+            &[
+                br#"{"id":"a","amount":1.5}"#,
+                br#"{"id":"b","amount":2,"note":"x","extra":[1]}"#,
+            ],
         );
         assert!(out.rejected.is_empty());
         assert_eq!(out.batch.num_rows(), 2);
@@ -263,12 +281,12 @@ mod tests {
         let mut d = decoder();
         let messages: Vec<Option<&[u8]>> = vec![
             Some(br#"{"id":"a","amount":1}"#),
-            Some(br#"{"id":"b","amount":"#),          // truncated
+            Some(br#"{"id":"b","amount":"#), // truncated
             Some(br#"{"id":"c","amount":3}"#),
-            Some(br#"{"id":"d","amount":"lots"}"#),   // wrong type
-            Some(b"\xff\xfe"),                         // not UTF-8
-            None,                                      // tombstone
-            Some(br#"{"amount":5}"#),                  // missing required id
+            Some(br#"{"id":"d","amount":"lots"}"#), // wrong type
+            Some(b"\xff\xfe"),                      // not UTF-8
+            None,                                   // tombstone
+            Some(br#"{"amount":5}"#),               // missing required id
             Some(br#"{"id":"e","amount":1}{"id":"f","amount":2}"#), // two values
             Some(br#"{"id":"g","amount":7}"#),
         ];
@@ -291,7 +309,10 @@ mod tests {
             ]
         );
         let ids = out.batch.column(0).as_string::<i32>();
-        assert_eq!(ids.iter().flatten().collect::<Vec<_>>(), vec!["a", "c", "g"]);
+        assert_eq!(
+            ids.iter().flatten().collect::<Vec<_>>(),
+            vec!["a", "c", "g"]
+        );
 
         // The decoder is clean afterwards.
         let next = decode(&mut d, &[br#"{"id":"z","amount":9}"#]);

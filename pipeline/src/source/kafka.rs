@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,7 +91,9 @@ impl ConsumerContext for SourceContext {
                 assigned = partitions.count(),
                 "partitions assigned"
             ),
-            Rebalance::Error(e) => tracing::warn!(workload = %self.workload, error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                tracing::warn!(workload = %self.workload, error = %e, "rebalance error")
+            }
             Rebalance::Revoke(_) => {}
         }
     }
@@ -103,10 +105,7 @@ impl SourceContext {
         let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         let mut acked = 0;
         let mut first = match wait {
-            Some(timeout) => match acks.recv_timeout(timeout) {
-                Ok(seq) => Some(seq),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-            },
+            Some(timeout) => acks.recv_timeout(timeout).ok(),
             None => None,
         };
         loop {
@@ -154,7 +153,10 @@ impl SourceContext {
             if now >= deadline {
                 break;
             }
-            self.absorb_acks(consumer, Some((deadline - now).min(Duration::from_millis(100))));
+            self.absorb_acks(
+                consumer,
+                Some((deadline - now).min(Duration::from_millis(100))),
+            );
         }
         self.in_flight_count()
     }
@@ -208,7 +210,9 @@ pub fn spawn_kafka_source(
                 let decoded = decoder.decode(&payloads)?;
                 let mut offsets: HashMap<(Arc<str>, i32), i64> = HashMap::new();
                 for m in &messages {
-                    let slot = offsets.entry((Arc::clone(&m.topic), m.partition)).or_insert(m.offset);
+                    let slot = offsets
+                        .entry((Arc::clone(&m.topic), m.partition))
+                        .or_insert(m.offset);
                     *slot = (*slot).max(m.offset);
                 }
                 stats.messages += messages.len() as u64;
@@ -226,9 +230,9 @@ pub fn spawn_kafka_source(
                     opened_at,
                 };
                 seq += 1;
-                batches
-                    .blocking_send(batch)
-                    .map_err(|_| PipelineError::Stopped("the stages stopped before the source".into()))
+                batches.blocking_send(batch).map_err(|_| {
+                    PipelineError::Stopped("the stages stopped before the source".into())
+                })
             };
 
             let mut last_error_log = Instant::now() - Duration::from_secs(60);
@@ -256,7 +260,12 @@ pub fn spawn_kafka_source(
                                 .headers()
                                 .map(|hs| {
                                     hs.iter()
-                                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                                        .map(|h| {
+                                            (
+                                                h.key.to_string(),
+                                                h.value.unwrap_or_default().to_vec(),
+                                            )
+                                        })
                                         .collect()
                                 })
                                 .unwrap_or_default(),
@@ -265,15 +274,13 @@ pub fn spawn_kafka_source(
                             send(full, &mut stats)?;
                         }
                     }
-                    Some(Err(e)) => {
-                        // Transient broker errors are retried by librdkafka; log, at most once
-                        // a second, and keep polling.
-                        if last_error_log.elapsed() > Duration::from_secs(1) {
-                            tracing::warn!(workload = %settings.workload, error = %e, "consumer error");
-                            last_error_log = Instant::now();
-                        }
+                    // Transient broker errors are retried by librdkafka; log, at most once a
+                    // second, and keep polling.
+                    Some(Err(e)) if last_error_log.elapsed() > Duration::from_secs(1) => {
+                        tracing::warn!(workload = %settings.workload, error = %e, "consumer error");
+                        last_error_log = Instant::now();
                     }
-                    None => {}
+                    Some(Err(_)) | None => {}
                 }
                 if let Some(expired) = batcher.poll_expired(Instant::now()) {
                     send(expired, &mut stats)?;
@@ -284,13 +291,14 @@ pub fn spawn_kafka_source(
             if let Some(rest) = batcher.flush() {
                 send(rest, &mut stats)?;
             }
-            drop(send);
             drop(batches);
             let pending = ctx.drain(&consumer, DRAIN_TIMEOUT);
             stats.acked_batches = stats.batches - pending as u64;
             match consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => {}
-                Err(e) => tracing::debug!(workload = %settings.workload, error = %e, "final commit"),
+                Err(e) => {
+                    tracing::debug!(workload = %settings.workload, error = %e, "final commit")
+                }
             }
             if pending > 0 {
                 tracing::warn!(
