@@ -302,7 +302,7 @@ fn verdict_binary() -> PathBuf {
 }
 
 /// A `verdict run` child process, killed if the test fails before stopping it.
-struct VerdictProcess(Child);
+struct VerdictProcess(Child, PathBuf);
 
 impl VerdictProcess {
     fn spawn(config: &std::path::Path, log: &std::path::Path) -> Self {
@@ -314,7 +314,24 @@ impl VerdictProcess {
             .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
             .spawn()
             .unwrap();
-        Self(child)
+        Self(child, log.to_path_buf())
+    }
+
+    /// Waits until the process logged that its consumer got partitions (it has installed its
+    /// signal handlers long before).
+    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            if log.contains("partitions assigned") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "verdict did not join the group within {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// A crash: SIGKILL, no drain, no final commit.
@@ -368,7 +385,7 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
     let messages = as_messages(&transactions);
     let topic = harness.input_topic().to_string();
     let b = brokers.clone();
-    let producer = std::thread::spawn(move || produce(&b, &topic, &messages, Some(2_000.0)));
+    let producer = std::thread::spawn(move || produce(&b, &topic, &messages, Some(800.0)));
 
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
         // 1. A crash: SIGKILL, no drain, no final commit.
@@ -384,6 +401,7 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
         decisions.wait_until(Duration::from_secs(90), "decisions after the crash", |c| {
             c.distinct_keys() >= after_crash + 1_500
         })?;
+        second.wait_ready(Duration::from_secs(30))?;
         let status = second.terminate();
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
 
@@ -394,7 +412,9 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
             "a decision for every transaction",
             |c| c.distinct_keys() >= COUNT,
         );
+        let ready = third.wait_ready(Duration::from_secs(30));
         let status = third.terminate();
+        ready?;
         result?;
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
         Ok(())
