@@ -3,10 +3,10 @@
 //! Per workload:
 //!
 //! ```text
-//! source thread ──InputBatch──▶ enrich task ──Enriched──▶ scorer thread ──Scored──▶ sink task
-//!  (poll, batch, decode)        (Redis + SQL)             (ONNX Runtime)            (policy, produce, ack)
-//!        ▲                                                                               │
-//!        └──────────────────────────── ack(seq) after delivery ──────────────────────────┘
+//! source thread ──InputBatch──▶ enrich task ──Enriched──▶ scorer thread ──Scored──▶ sink task ──▶ acker task
+//!  (poll, batch, decode)        (Redis + SQL)             (ONNX Runtime)           (policy,      (awaits deliveries
+//!        ▲                                                                           enqueue)     in batch order)
+//!        └──────────────────────────────── ack(seq) after delivery ────────────────────────────────┘
 //! ```
 //!
 //! Channels are bounded (`channel-capacity` batches): a slow stage blocks the one before it,
@@ -23,13 +23,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use verdict_features::{FeatureStore, RedisFeatureStore};
 use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
-use verdict_sinks::{KafkaSink, Sink};
+use verdict_sinks::{Delivery, KafkaSink, Sink};
 
 use crate::config::Config;
 use crate::source::kafka::SourceSettings;
 use crate::source::{spawn_kafka_source, JsonBatchDecoder, SourceHandle, SourceStats};
-use crate::workload::{now_ms, Workload};
+use crate::workload::{now_ms, Decided, Scored, Workload};
 use crate::PipelineError;
+
+/// Batches enqueued to the producer and awaiting their acknowledgement, per workload.
+const MAX_BATCHES_AWAITING_ACK: usize = 8;
 
 /// How long the sink keeps retrying a failed delivery after shutdown was requested; past it
 /// the batch stays unacknowledged (its offsets uncommitted) and is consumed again next run.
@@ -87,7 +90,17 @@ struct RunningWorkload {
     source: SourceHandle,
     enrich: JoinHandle<Result<(), PipelineError>>,
     score: std::thread::JoinHandle<Result<(), PipelineError>>,
-    sink: JoinHandle<Result<([u64; 3], StageTimings), PipelineError>>,
+    sink: JoinHandle<Result<(), PipelineError>>,
+    acker: JoinHandle<Result<([u64; 3], StageTimings), PipelineError>>,
+}
+
+/// A decided batch whose records are enqueued, waiting for their acknowledgement.
+struct PendingBatch {
+    scored: Scored,
+    decided: Decided,
+    /// `None` if enqueueing failed: the acker retries the batch.
+    delivery: Option<Delivery>,
+    enqueued_at: Instant,
 }
 
 /// A running pipeline.
@@ -174,6 +187,11 @@ impl Pipeline {
                 .sink
                 .await
                 .map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            let acker = w
+                .acker
+                .await
+                .map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            let sink = sink.and(acker);
             match (source, enrich, score, sink) {
                 (Ok(source), Ok(()), Ok(()), Ok((outcomes, timings))) => {
                     reports.push(WorkloadReport {
@@ -275,18 +293,59 @@ fn spawn_workload(
             .map_err(|e| PipelineError::Stopped(format!("spawning the scorer thread: {e}")))?
     };
 
+    // The sink task enqueues each batch's records as soon as it is decided; the acker awaits
+    // the deliveries in batch order and acks each batch only after its own delivery, so
+    // several batches wait on broker acknowledgements at once while offsets stay in order.
+    let (pending_tx, mut pending_rx) = mpsc::channel::<PendingBatch>(MAX_BATCHES_AWAITING_ACK);
     let sink_task = {
         let workload = Arc::clone(&workload);
+        let sink = Arc::clone(&sink);
+        tokio::spawn(async move {
+            while let Some(scored) = scored_rx.recv().await {
+                let decided = workload.decide(&scored)?;
+                let enqueued_at = Instant::now();
+                let delivery = match sink.send(&decided.records).await {
+                    Ok(delivery) => Some(delivery),
+                    Err(e) => {
+                        tracing::warn!(workload = %workload.name, error = %e, "enqueue failed; the batch will be retried");
+                        None
+                    }
+                };
+                let pending = PendingBatch {
+                    scored,
+                    decided,
+                    delivery,
+                    enqueued_at,
+                };
+                if pending_tx.send(pending).await.is_err() {
+                    return Err(PipelineError::Stopped("acker stopped".into()));
+                }
+            }
+            Ok(())
+        })
+    };
+    let acker = {
+        let workload = Arc::clone(&workload);
         let counters = Arc::clone(&counters);
-        let shutdown = Arc::clone(&shutdown);
         tokio::spawn(async move {
             let mut timings = StageTimings::new();
             let mut outcomes = [0u64; 3];
-            while let Some(scored) = scored_rx.recv().await {
-                let decided = workload.decide(&scored)?;
-                let started = Instant::now();
-                deliver(sink.as_ref(), &decided.records, &workload.name, &shutdown).await?;
-                let produce_time = started.elapsed();
+            while let Some(pending) = pending_rx.recv().await {
+                let PendingBatch {
+                    scored,
+                    decided,
+                    delivery,
+                    enqueued_at,
+                } = pending;
+                let delivered = match delivery {
+                    Some(delivery) => delivery.await,
+                    None => Err(verdict_sinks::SinkError::Encode("not enqueued".into())),
+                };
+                if let Err(e) = delivered {
+                    tracing::warn!(workload = %workload.name, error = %e, "delivery failed; retrying the batch");
+                    redeliver(sink.as_ref(), &decided.records, &workload.name, &shutdown).await?;
+                }
+                let produce_time = enqueued_at.elapsed();
                 let batch = &scored.enriched.batch;
                 // Every output of the batch is acknowledged: its offsets may now be stored.
                 if ack_tx.send(batch.seq).is_err() {
@@ -345,13 +404,14 @@ fn spawn_workload(
         enrich,
         score,
         sink: sink_task,
+        acker,
     })
 }
 
-/// Delivers a batch's records, retrying with backoff: an undelivered batch is never acked.
-/// After shutdown was requested it gives up after [`SHUTDOWN_RETRY_LIMIT`], leaving the batch
-/// uncommitted for the next run.
-async fn deliver(
+/// Delivers a batch's records again until they are acknowledged, with backoff: an undelivered
+/// batch is never acked. After shutdown was requested it gives up after
+/// [`SHUTDOWN_RETRY_LIMIT`], leaving the batch uncommitted for the next run.
+async fn redeliver(
     sink: &dyn Sink,
     records: &[verdict_sinks::OutRecord],
     workload: &str,
@@ -360,7 +420,11 @@ async fn deliver(
     let mut backoff = Duration::from_millis(10);
     let mut shutdown_seen: Option<Instant> = None;
     loop {
-        match sink.send_all(records).await {
+        let attempt = match sink.send(records).await {
+            Ok(delivery) => delivery.await,
+            Err(e) => Err(e),
+        };
+        match attempt {
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::warn!(workload, error = %e, retry_in_ms = backoff.as_millis() as u64, "delivery failed; retrying the batch");

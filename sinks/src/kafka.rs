@@ -1,11 +1,13 @@
 //! Kafka sink: a `FutureProducer` shared by every workload of the process.
 //!
-//! Every record of a batch is enqueued first, then all delivery reports are awaited together,
-//! so a batch costs one produce round trip, not one per record. librdkafka retries transient
+//! Every record of a batch is enqueued at once and the returned [`Delivery`] awaits all their
+//! delivery reports together, so a batch costs one produce round trip, not one per record,
+//! and the next batch can be enqueued while this one is being acknowledged. librdkafka retries transient
 //! errors itself (up to `message.timeout.ms`); an error that surfaces here fails the batch, and
 //! the topology, which alone decides, retries it. An idempotent producer's timed-out message
 //! may still have been written, so a retry can duplicate: delivery is at least once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::sink::{OutRecord, Sink};
+use crate::sink::{Delivery, OutRecord, Sink};
 use crate::{Result, SinkError};
 
 /// Produces records to Kafka.
@@ -40,7 +42,7 @@ impl KafkaSink {
 
 #[async_trait]
 impl Sink for KafkaSink {
-    async fn send_all(&self, records: &[OutRecord]) -> Result<()> {
+    async fn send(&self, records: &[OutRecord]) -> Result<Delivery> {
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
@@ -59,7 +61,7 @@ impl Sink for KafkaSink {
             loop {
                 match self.producer.send_result(future_record) {
                     Ok(delivery) => {
-                        deliveries.push((delivery, &record.topic));
+                        deliveries.push((delivery, Arc::clone(&record.topic)));
                         break;
                     }
                     // The local queue is full: block (backpressure) until librdkafka drains it.
@@ -71,29 +73,31 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        for (result, topic) in join_all(
-            deliveries
-                .into_iter()
-                .map(|(d, t)| async move { (d.await, t) }),
-        )
-        .await
-        {
-            match result {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(SinkError::Delivery {
-                        topic: topic.to_string(),
-                        reason: e.to_string(),
-                    })
-                }
-                Err(_canceled) => {
-                    return Err(SinkError::Delivery {
-                        topic: topic.to_string(),
-                        reason: "producer shut down before the delivery report".into(),
-                    })
+        Ok(Box::pin(async move {
+            let results = join_all(
+                deliveries
+                    .into_iter()
+                    .map(|(d, t)| async move { (d.await, t) }),
+            )
+            .await;
+            for (result, topic) in results {
+                match result {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        return Err(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            reason: e.to_string(),
+                        })
+                    }
+                    Err(_canceled) => {
+                        return Err(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            reason: "producer shut down before the delivery report".into(),
+                        })
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        }))
     }
 }

@@ -1,7 +1,7 @@
 //! Sinks: where decisions and dead letters go.
 //!
-//! - [`sink`]: the [`Sink`] trait (send a batch of records, resolve when all are acknowledged)
-//!   and an in-memory test double;
+//! - [`sink`]: the [`Sink`] trait (hand over a batch of records, get a future that resolves
+//!   when all are acknowledged) and an in-memory test double;
 //! - [`kafka`]: the Kafka producer implementation;
 //! - [`encode`]: a decisions `RecordBatch` → keyed JSON records.
 
@@ -11,7 +11,7 @@ pub mod sink;
 
 pub use encode::DecisionEncoder;
 pub use kafka::KafkaSink;
-pub use sink::{MemorySink, OutRecord, Sink};
+pub use sink::{Delivery, MemorySink, OutRecord, Sink};
 
 /// Errors of the sink stage.
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,15 @@
 //! The sink abstraction.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
 use crate::Result;
+
+/// Resolves once every record handed over by one [`Sink::send`] is acknowledged (or one failed).
+pub type Delivery = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 
 /// One message to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,11 +20,16 @@ pub struct OutRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Where a batch's outputs go. `send_all` resolves only once every record is acknowledged by
-/// the destination (or one failed): the caller commits input offsets after that, never before.
+/// Where a batch's outputs go.
+///
+/// `send` hands the records over and returns as soon as they are queued (waiting only while
+/// the local queue is full), with a [`Delivery`] that resolves when the destination has
+/// acknowledged all of them. Splitting the two lets the caller keep several batches in flight
+/// — a broker acknowledgement takes milliseconds — while still committing input offsets in
+/// order, each only after its batch's delivery resolved.
 #[async_trait]
 pub trait Sink: Send + Sync {
-    async fn send_all(&self, records: &[OutRecord]) -> Result<()>;
+    async fn send(&self, records: &[OutRecord]) -> Result<Delivery>;
 }
 
 /// Test double: keeps what it was sent.
@@ -43,11 +53,11 @@ impl MemorySink {
 
 #[async_trait]
 impl Sink for MemorySink {
-    async fn send_all(&self, records: &[OutRecord]) -> Result<()> {
+    async fn send(&self, records: &[OutRecord]) -> Result<Delivery> {
         self.records
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend_from_slice(records);
-        Ok(())
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
 }
