@@ -6,5 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/verdict/target}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
 # End-to-end tests each start servers and a pipeline; two at a time fit on two cores.
-cargo test --release --workspace -- --test-threads=2 "$@"
+# (No doc tests: the crates' docs hold no runnable examples.)
+set +e
+cargo test --release --workspace --lib --bins --tests -- --test-threads=2 "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "verdict: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
