@@ -180,7 +180,9 @@ impl Config {
             toml::from_str(text).map_err(|e| PipelineError::Config(e.to_string()))?;
         for w in &mut config.workloads {
             if w.model.is_relative() {
-                w.model = base.join(&w.model);
+                let joined = base.join(&w.model);
+                // Canonical when it exists, so logs show a readable path.
+                w.model = joined.canonicalize().unwrap_or(joined);
             }
             if w.input_schema.ends_with(".json") && Path::new(&w.input_schema).is_relative() {
                 w.input_schema = base.join(&w.input_schema).to_string_lossy().into_owned();

@@ -40,6 +40,9 @@ pub struct DriveSpec {
     pub print_samples: usize,
     /// Give up waiting for decisions this long after the last produce.
     pub settle_timeout: Duration,
+    /// The load generator's `linger.ms`: how long its producer gathers transactions into one
+    /// produce request (a payment system's own client setting).
+    pub producer_linger_ms: u32,
 }
 
 /// What was measured.
@@ -187,7 +190,7 @@ fn produce(
 ) -> Result<(Vec<u64>, Duration), PipelineError> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &spec.brokers)
-        .set("linger.ms", "1")
+        .set("linger.ms", spec.producer_linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .create()
         .map_err(kafka_err)?;
