@@ -1,0 +1,133 @@
+//! What the workload SQL costs per batch, planned per batch versus planned once.
+//!
+//! `cargo run --release --example join_cost`
+//!
+//! Both sides run the example fraud workload's statement over the same decoded batches and
+//! lookup tables (card + merchant, two LEFT JOINs and derived columns):
+//! - per batch: register the batch's tables as `MemTable`s and `ctx.sql(..).collect()`, the
+//!   straightforward way;
+//! - planned once: [`verdict_features::SqlJoin`], the physical plan built once and re-executed
+//!   with its leaves bound to each batch (what the pipeline does).
+//!
+//! Prints the median and p90 per batch for several batch sizes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use verdict::config::{example_config_dir, Config, EXAMPLE_CONFIG};
+use verdict::generator::World;
+use verdict::source::JsonBatchDecoder;
+use verdict_features::{InMemoryFeatureStore, Lookups, SqlJoin};
+use verdict_schemas::{arrow_schema_from_json_schema, builtin_input_schema};
+
+const ITERATIONS: usize = 300;
+
+fn quantiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    (at(0.5), at(0.9))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
+    let workload = &config.workloads[0];
+    let schema = arrow_schema_from_json_schema(
+        &workload.input_schema,
+        builtin_input_schema(&workload.input_schema)?,
+    )?;
+
+    let world = World::generate(1, 5_000, 500);
+    let store = InMemoryFeatureStore::new();
+    for c in &world.cards {
+        store.insert(
+            &format!("card:{}", c.id),
+            &[
+                ("avg_amount_30d", &c.avg_amount_30d.to_string()),
+                ("tx_count_30d", &c.tx_count_30d.to_string()),
+                ("chargeback_count_90d", &c.chargeback_count_90d.to_string()),
+                ("card_age_days", &c.card_age_days.to_string()),
+                ("home_country", c.home_country),
+            ],
+        );
+    }
+    for m in &world.merchants {
+        store.insert(
+            &format!("merchant:{}", m.id),
+            &[
+                ("fraud_rate_90d", &m.fraud_rate_90d.to_string()),
+                ("risk_score", &m.risk_score.to_string()),
+            ],
+        );
+    }
+    let lookups = Lookups::new(workload.lookups.clone());
+    let lookup_schemas: Vec<(String, _)> = workload
+        .lookups
+        .iter()
+        .map(|l| (l.name.clone(), l.table_schema()))
+        .collect();
+
+    println!("batch rows | per batch: plan + collect (p50 / p90) | planned once (p50 / p90) | ratio of p50s");
+    for rows in [1usize, 64, 512] {
+        let mut decoder = JsonBatchDecoder::new(schema.clone(), rows)?;
+        let mut stream = world.transactions(rows as u64, "join", 0.03);
+        // A different batch each iteration: a plan that kept state would show stale rows.
+        let mut batches = Vec::new();
+        for _ in 0..16 {
+            let payloads: Vec<Vec<u8>> = (0..rows)
+                .map(|i| serde_json::to_vec(&stream.next_at(1_700_000_000_000 + i as i64)))
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<Option<&[u8]>> = payloads.iter().map(|p| Some(p.as_slice())).collect();
+            let input = decoder.decode(&refs)?.batch;
+            let (tables, _) = lookups.fetch(&store, &input).await?;
+            let mut all = vec![input];
+            all.extend(tables);
+            batches.push(all);
+        }
+
+        let mut per_batch = Vec::with_capacity(ITERATIONS);
+        for i in 0..ITERATIONS {
+            let tables = &batches[i % batches.len()];
+            let started = Instant::now();
+            let ctx = SessionContext::new();
+            ctx.register_table(
+                "input",
+                Arc::new(MemTable::try_new(
+                    tables[0].schema(),
+                    vec![vec![tables[0].clone()]],
+                )?),
+            )?;
+            for ((name, schema), table) in lookup_schemas.iter().zip(&tables[1..]) {
+                ctx.register_table(
+                    name.as_str(),
+                    Arc::new(MemTable::try_new(
+                        schema.clone(),
+                        vec![vec![table.clone()]],
+                    )?),
+                )?;
+            }
+            let out = ctx.sql(&workload.sql).await?.collect().await?;
+            per_batch.push(started.elapsed());
+            assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), rows);
+        }
+
+        let join = SqlJoin::plan(&workload.sql, batches[0][0].schema(), &lookup_schemas).await?;
+        let mut once = Vec::with_capacity(ITERATIONS);
+        for i in 0..ITERATIONS {
+            let tables = &batches[i % batches.len()];
+            let started = Instant::now();
+            let out = join.run(tables).await?;
+            once.push(started.elapsed());
+            assert_eq!(out.num_rows(), rows);
+        }
+        let (a50, a90) = quantiles(per_batch);
+        let (b50, b90) = quantiles(once);
+        println!(
+            "{rows:>10} | {a50:>10.0} µs / {a90:>6.0} µs              | {b50:>8.0} µs / {b90:>6.0} µs   | {:.1}×",
+            a50 / b50
+        );
+    }
+    Ok(())
+}
