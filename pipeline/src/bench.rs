@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// produce requests alone and the figures measure it, not verdict.
     #[arg(long, default_value_t = 5)]
     pub producer_linger_ms: u32,
+    /// Transactions sent (at the same rate) and not measured before the measured run, so the
+    /// figures are steady state: the first batches pay for offset lookups, connection set-up
+    /// and ONNX Runtime's first run.
+    #[arg(long, default_value_t = 1_000)]
+    pub warmup: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -89,8 +94,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|w| format!("max-rows {} linger {:?}", w.batch.max_rows, w.batch.linger))
         .unwrap_or_else(|| "external pipeline".into());
     println!(
-        "verdict bench: {} transactions, offered rate {}, {batch}, load generator linger.ms {}",
+        "verdict bench: {} transactions after {} warm-up, offered rate {}, {batch}, load generator linger.ms {}",
         args.count,
+        args.warmup,
         args.rate
             .map(|r| format!("{r:.0} tx/s"))
             .unwrap_or_else(|| "unthrottled".into()),
@@ -109,6 +115,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_samples: 0,
         settle_timeout: Duration::from_secs(60),
         producer_linger_ms: args.producer_linger_ms,
+    };
+    let (world, spec) = if args.warmup > 0 {
+        let warmup = DriveSpec {
+            count: args.warmup,
+            run_id: format!("{}w", spec.run_id),
+            ..spec.clone()
+        };
+        tokio::task::spawn_blocking(move || drive(&world, &warmup).map(|_| (world, spec))).await??
+    } else {
+        (world, spec)
     };
     let cpu_before = process_cpu_seconds();
     let report = tokio::task::spawn_blocking(move || drive(&world, &spec)).await??;
@@ -146,6 +162,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let result = json!({
             "count": args.count,
             "offered_rate": args.rate,
+            "warmup": args.warmup,
             "producer_linger_ms": args.producer_linger_ms,
             "decided": report.decided,
             "duplicates": report.duplicates,

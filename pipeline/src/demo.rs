@@ -157,6 +157,10 @@ pub fn print_summary(drive: &DriveReport, reports: &[WorkloadReport]) {
             "  pipeline `{}`  messages {}  batches {}  decisions {}  dead letters {}  degraded batches {}",
             r.name, r.source.messages, r.source.batches, r.decisions, r.dead_letters, r.degraded_batches
         );
+        let [e50, e99, _, emax] = percentiles_ms(&t.end_to_end_us);
+        println!(
+            "  pipeline view: record timestamp → decision acknowledged (ms)  p50 {e50:.1}  p99 {e99:.1}  max {emax:.1}"
+        );
         println!(
             "  per batch (mean, µs)  rows {:.0}  redis lookup {:.0}  sql join {:.0}  onnx score {:.0}  produce+ack {:.0}",
             mean(&t.rows),

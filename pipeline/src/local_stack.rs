@@ -26,7 +26,6 @@ pub const TANSU_ENV: &str = "VERDICT_TANSU";
 pub struct LocalStack {
     pub kafka_bootstrap: String,
     pub redis_url: String,
-    pub redis_port: u16,
     children: Vec<(String, Child)>,
     logs: tempfile::TempDir,
 }
@@ -52,7 +51,6 @@ impl LocalStack {
         let mut stack = Self {
             kafka_bootstrap: String::new(),
             redis_url: String::new(),
-            redis_port: 0,
             children: Vec::new(),
             logs,
         };
@@ -76,7 +74,6 @@ impl LocalStack {
         self.children.push(("redis-server".into(), child));
         wait_for_port(port, Duration::from_secs(10))
             .map_err(|e| err(format!("redis-server: {e}")))?;
-        self.redis_port = port;
         self.redis_url = format!("redis://127.0.0.1:{port}");
         Ok(())
     }
@@ -147,11 +144,6 @@ impl LocalStack {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    /// Where the servers' logs are, for a failing test to print.
-    pub fn log_dir(&self) -> &Path {
-        self.logs.path()
     }
 }
 

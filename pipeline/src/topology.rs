@@ -38,12 +38,11 @@ const MAX_BATCHES_AWAITING_ACK: usize = 8;
 /// the batch stays unacknowledged (its offsets uncommitted) and is consumed again next run.
 const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(20);
 
-/// Live counters of one workload.
+/// Counters of one workload, shared by its stages.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub decisions: AtomicU64,
     pub dead_letters: AtomicU64,
-    pub batches: AtomicU64,
     pub degraded_batches: AtomicU64,
 }
 
@@ -156,14 +155,6 @@ impl Pipeline {
     /// Asks the sources to stop; [`Pipeline::wait`] returns once every stage has drained.
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::Relaxed);
-    }
-
-    /// Live counters per workload name.
-    pub fn counters(&self) -> Vec<(String, Arc<Counters>)> {
-        self.workloads
-            .iter()
-            .map(|w| (w.name.clone(), Arc::clone(&w.counters)))
-            .collect()
     }
 
     /// Waits for every workload to stop (after [`Pipeline::stop`], or on a fatal error).
@@ -376,7 +367,6 @@ fn spawn_workload(
                 counters
                     .dead_letters
                     .fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
-                counters.batches.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     workload = %workload.name,
                     seq = batch.seq,
