@@ -342,11 +342,15 @@ impl VerdictProcess {
 
     /// SIGTERM, then the exit status.
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        let pid = libc::pid_t::try_from(self.0.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid this test spawned and has not reaped yet.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            sent,
+            0,
+            "kill(SIGTERM) failed: {}",
+            std::io::Error::last_os_error()
+        );
         self.0.wait().unwrap()
     }
 }
