@@ -9,6 +9,10 @@
 #          (default ~/.cache/verdict/target, outside the clone, so clones share it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# cargo, rustup and the build cache live under $HOME; a bare CI environment may not set it.
+export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
+# rustup installs cargo under ~/.cargo/bin; make sure it is found even with a minimal PATH.
+if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 
 packages=(cmake pkg-config build-essential libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev redis-server python3-venv)
 missing=()
