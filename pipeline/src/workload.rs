@@ -517,6 +517,50 @@ mod tests {
         );
     }
 
+    struct BrokenScorer;
+
+    impl Scorer for BrokenScorer {
+        fn score(&mut self, _: &[f32], _: usize) -> verdict_scorers::Result<Vec<f32>> {
+            Err(verdict_scorers::ScorerError::Score(
+                "session run failed".into(),
+            ))
+        }
+        fn feature_count(&self) -> usize {
+            10
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scoring_failure_dead_letters_the_batch_with_its_cause_and_loses_nothing() {
+        let w = fraud().await;
+        let input = batch(
+            &w,
+            vec![
+                message(0, &tx("t0", "c1", 100.0)),
+                message(1, &tx("t1", "c1", 7.0)),
+            ],
+        );
+        let enriched = w.enrich(&store(), input).await;
+        let decided = w.decide(&w.score(&mut BrokenScorer, enriched)).unwrap();
+        assert_eq!((decided.decisions, decided.dead_letters), (0, 2));
+        for (record, offset) in decided.records.iter().zip(["0", "1"]) {
+            assert_eq!(&*record.topic, "transactions.dead-letter");
+            let header = |name: &str| {
+                record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            };
+            assert_eq!(header("verdict.stage").as_deref(), Some("score"));
+            assert_eq!(header("verdict.cause").as_deref(), Some("model-failed"));
+            assert_eq!(header("verdict.source.offset").as_deref(), Some(offset));
+            assert!(header("verdict.detail")
+                .unwrap()
+                .contains("session run failed"));
+        }
+    }
+
     #[tokio::test]
     async fn sql_missing_a_model_feature_is_refused_naming_it() {
         let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
