@@ -4,6 +4,7 @@
 //!   test double;
 //! - [`redis_store`]: the Redis implementation (pipelined `HMGET`, timeouts, reconnects);
 //! - [`lookup`]: entity lookups → Arrow tables aligned to the input rows;
+//! - [`velocity`]: in-stream sliding-window counts and sums per entity, kept in Redis;
 //! - [`join`]: the workload's DataFusion SQL, planned once and re-executed per batch;
 //! - [`tensor`]: the SQL output → a dense `f32` matrix in the model's feature order, with
 //!   documented imputation of missing values.
@@ -13,12 +14,14 @@ pub mod lookup;
 pub mod redis_store;
 pub mod store;
 pub mod tensor;
+pub mod velocity;
 
 pub use join::SqlJoin;
 pub use lookup::{EntityLookup, FeatureField, FeatureType, LookupStats, Lookups};
 pub use redis_store::{RedisConfig, RedisFeatureStore};
-pub use store::{FeatureStore, HashRead, InMemoryFeatureStore};
+pub use store::{FeatureStore, HashRead, InMemoryFeatureStore, StoreAnswer};
 pub use tensor::{FeatureColumn, FeatureMatrix};
+pub use velocity::{InMemoryVelocity, VelocitySpec};
 
 /// Errors of the feature stage. The topology decides what to do with each (retry, degrade,
 /// dead-letter); nothing here panics on I/O.
@@ -38,6 +41,8 @@ pub enum FeatureError {
     Sql(#[from] datafusion::error::DataFusionError),
     #[error("Arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("velocity `{name}`: {reason}")]
+    Velocity { name: String, reason: String },
     #[error("SQL output: {0}")]
     Output(String),
 }

@@ -4,7 +4,8 @@
 //! Alignment is the contract the SQL relies on: row *i* of every lookup table describes the
 //! entity of input row *i*, and carries the same `row_id`. Keys repeated within a batch are read
 //! once; a missing entity (or a null key) gives a row of nulls, never a missing row. All lookups
-//! of a batch share one round trip to the store.
+//! and velocity updates of a batch share one round trip to the store; velocity tables follow
+//! the lookup tables, in config order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use verdict_schemas::columns::ROW_ID;
 
 use crate::store::{FeatureStore, HashRead};
+use crate::velocity::{VelocityPlan, VelocitySpec};
 use crate::{FeatureError, Result};
 
 /// Type of a feature field; values are stored in Redis as strings and parsed into this.
@@ -96,28 +98,52 @@ pub struct LookupStats {
     pub entities_missing: usize,
     /// Field values present in Redis but not parseable as their declared type (became null).
     pub values_unparseable: usize,
+    /// Velocity events recorded (rows with a key, time, amount and id).
+    pub velocity_events: usize,
+    /// Of those, events older than the allowed lateness (their windows may undercount).
+    pub velocity_late: usize,
 }
 
-/// Runs every lookup of a workload against one batch.
+/// Runs every lookup and velocity update of a workload against one batch.
 pub struct Lookups {
     lookups: Vec<EntityLookup>,
     field_names: Vec<Vec<String>>,
+    velocity: Vec<VelocitySpec>,
 }
 
 impl Lookups {
-    pub fn new(lookups: Vec<EntityLookup>) -> Self {
+    /// Refuses a velocity spec with bad windows.
+    pub fn new(lookups: Vec<EntityLookup>, velocity: Vec<VelocitySpec>) -> Result<Self> {
+        for spec in &velocity {
+            spec.horizon_ms()?;
+        }
         let field_names = lookups.iter().map(EntityLookup::field_names).collect();
-        Self {
+        Ok(Self {
             lookups,
             field_names,
-        }
+            velocity,
+        })
     }
 
     pub fn specs(&self) -> &[EntityLookup] {
         &self.lookups
     }
 
-    /// One table per lookup, aligned to `input`'s rows, from one store round trip.
+    /// Name and schema of every table `fetch` returns, in order.
+    pub fn table_schemas(&self) -> Vec<(String, SchemaRef)> {
+        self.lookups
+            .iter()
+            .map(|l| (l.name.clone(), l.table_schema()))
+            .chain(
+                self.velocity
+                    .iter()
+                    .map(|v| (v.name.clone(), v.table_schema())),
+            )
+            .collect()
+    }
+
+    /// One table per lookup then per velocity spec, aligned to `input`'s rows, from one
+    /// store round trip.
     pub async fn fetch(
         &self,
         store: &dyn FeatureStore,
@@ -143,7 +169,14 @@ impl Lookups {
         for (keys, fields) in redis_keys.iter().zip(&self.field_names) {
             reads.extend(keys.iter().map(|key| HashRead { key, fields }));
         }
-        let mut answers = store.read_hashes(&reads).await?.into_iter();
+        let velocity_plans = self
+            .velocity
+            .iter()
+            .map(|spec| VelocityPlan::build(spec, input))
+            .collect::<Result<Vec<_>>>()?;
+        let updates: Vec<_> = velocity_plans.iter().map(|p| p.update.clone()).collect();
+        let answer = store.fetch(&reads, &updates).await?;
+        let mut answers = answer.hashes.into_iter();
 
         let mut stats = LookupStats {
             keys_read: reads.len(),
@@ -166,6 +199,29 @@ impl Lookups {
                 .count();
             tables.push(plan.table(lookup, &values, &mut stats)?);
         }
+        for ((spec, plan), counts) in self
+            .velocity
+            .iter()
+            .zip(&velocity_plans)
+            .zip(&answer.velocity)
+        {
+            if counts.len() != plan.update.events.len() {
+                return Err(FeatureError::Output(format!(
+                    "feature store answered {} of {} velocity events of `{}`",
+                    counts.len(),
+                    plan.update.events.len(),
+                    spec.name
+                )));
+            }
+            stats.velocity_events += counts.len();
+            stats.velocity_late += counts.iter().filter(|c| c.late).count();
+            tables.push(plan.table(spec, Some(counts))?);
+        }
+        if answer.velocity.len() != self.velocity.len() {
+            return Err(FeatureError::Output(
+                "feature store skipped velocity updates".into(),
+            ));
+        }
         Ok((tables, stats))
     }
 }
@@ -176,14 +232,19 @@ impl Lookups {
     /// waiting for Redis.
     pub fn all_missing(&self, input: &RecordBatch) -> Result<Vec<RecordBatch>> {
         let mut stats = LookupStats::default();
-        self.lookups
+        let mut tables = self
+            .lookups
             .iter()
             .map(|lookup| {
                 let plan = KeyPlan::build(lookup, input)?;
                 let none = vec![vec![None; lookup.fields.len()]; plan.distinct.len()];
                 plan.table(lookup, &none, &mut stats)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        for spec in &self.velocity {
+            tables.push(VelocityPlan::build(spec, input)?.table(spec, None)?);
+        }
+        Ok(tables)
     }
 }
 
@@ -347,7 +408,7 @@ mod tests {
             &[("avg_amount", "10.5"), ("age_days", "3"), ("home", "DE")],
         );
         store.insert("card:b", &[("avg_amount", "20"), ("age_days", "400")]);
-        let lookups = Lookups::new(vec![card_lookup()]);
+        let lookups = Lookups::new(vec![card_lookup()], vec![]).unwrap();
         let batch = input(vec![
             Some("b"),
             Some("a"),
@@ -387,7 +448,7 @@ mod tests {
     async fn unparseable_values_become_null_and_are_counted() {
         let store = InMemoryFeatureStore::new();
         store.insert("card:a", &[("avg_amount", "lots"), ("age_days", "7.5")]);
-        let lookups = Lookups::new(vec![card_lookup()]);
+        let lookups = Lookups::new(vec![card_lookup()], vec![]).unwrap();
         let (tables, stats) = lookups
             .fetch(&store, &input(vec![Some("a")]))
             .await
@@ -411,7 +472,8 @@ mod tests {
         let store = InMemoryFeatureStore::new();
         let mut lookup = card_lookup();
         lookup.key_column = "pan".into();
-        let err = Lookups::new(vec![lookup])
+        let err = Lookups::new(vec![lookup], vec![])
+            .unwrap()
             .fetch(&store, &input(vec![Some("a")]))
             .await
             .unwrap_err()
@@ -431,7 +493,7 @@ mod tests {
             let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
             let batch = input(names.iter().map(|s| Some(s.as_str())).collect());
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let (tables, _) = rt.block_on(Lookups::new(vec![card_lookup()]).fetch(&store, &batch)).unwrap();
+            let (tables, _) = rt.block_on(Lookups::new(vec![card_lookup()], vec![]).unwrap().fetch(&store, &batch)).unwrap();
             let avg = tables[0].column(2).as_any().downcast_ref::<Float64Array>().unwrap();
             proptest::prop_assert_eq!(avg.len(), keys.len());
             for (row, k) in keys.iter().enumerate() {

@@ -1,6 +1,7 @@
 //! Redis implementation of [`FeatureStore`]: entity features are hashes (`HSET card:42
 //! avg_amount_30d 51.2 ...`), the layout feature-store users know, read with one pipeline of
-//! `HMGET`s per batch.
+//! `HMGET`s per batch; the same pipeline carries the batch's velocity updates (one `EVAL` per
+//! velocity spec, see [`crate::velocity`]).
 //!
 //! Timeouts are not optional: without them a request against a paused server hangs forever
 //! (redis-rs #395). The connection manager reconnects by itself with backoff.
@@ -12,7 +13,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 
-use crate::store::{FeatureStore, HashRead};
+use crate::store::{FeatureStore, HashRead, StoreAnswer};
+use crate::velocity::{decode_lua_reply, VelocityUpdate, VELOCITY_LUA};
 use crate::{FeatureError, Result};
 
 /// `[redis]` section of the config.
@@ -74,23 +76,80 @@ impl RedisFeatureStore {
 
 #[async_trait]
 impl FeatureStore for RedisFeatureStore {
-    async fn read_hashes(&self, reads: &[HashRead<'_>]) -> Result<Vec<Vec<Option<String>>>> {
-        if reads.is_empty() {
-            return Ok(Vec::new());
+    async fn fetch(
+        &self,
+        reads: &[HashRead<'_>],
+        updates: &[VelocityUpdate],
+    ) -> Result<StoreAnswer> {
+        // An update without events (every key null) costs no command.
+        let sent: Vec<&VelocityUpdate> = updates.iter().filter(|u| !u.events.is_empty()).collect();
+        if reads.is_empty() && sent.is_empty() {
+            return Ok(StoreAnswer {
+                hashes: Vec::new(),
+                velocity: vec![Vec::new(); updates.len()],
+            });
         }
         let mut pipe = redis::pipe();
         for read in reads {
             pipe.cmd("HMGET").arg(read.key).arg(read.fields);
         }
+        for update in &sent {
+            // EVAL with the script text, not EVALSHA: no NOSCRIPT after a Redis restart, and
+            // Redis caches the compiled script by its hash anyway.
+            let cmd = pipe.cmd("EVAL").arg(VELOCITY_LUA).arg(update.events.len());
+            for e in &update.events {
+                cmd.arg(&e.key);
+            }
+            cmd.arg(update.windows_ms.len())
+                .arg(&update.windows_ms)
+                .arg(update.horizon_ms);
+            for e in &update.events {
+                cmd.arg(e.event_time_ms).arg(e.amount_cents).arg(&e.id);
+            }
+        }
         let mut connection = self.connection.clone();
         // The manager's own response timeout covers one request; this one bounds the whole
         // pipeline including a reconnect.
-        let query = pipe.query_async::<Vec<Vec<Option<String>>>>(&mut connection);
-        match tokio::time::timeout(self.response_timeout, query).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(FeatureError::StoreTimeout {
-                timeout_ms: self.response_timeout.as_millis(),
-            }),
+        let query = pipe.query_async::<Vec<redis::Value>>(&mut connection);
+        let replies = match tokio::time::timeout(self.response_timeout, query).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(FeatureError::StoreTimeout {
+                    timeout_ms: self.response_timeout.as_millis(),
+                })
+            }
+        };
+        if replies.len() != reads.len() + sent.len() {
+            return Err(FeatureError::Output(format!(
+                "Redis answered {} of {} pipelined commands",
+                replies.len(),
+                reads.len() + sent.len()
+            )));
         }
+        let mut replies = replies.into_iter();
+        let mut answer = StoreAnswer::default();
+        for reply in replies.by_ref().take(reads.len()) {
+            answer
+                .hashes
+                .push(redis::from_redis_value(reply).map_err(redis::RedisError::from)?);
+        }
+        for update in updates {
+            let values: Vec<i64> = if update.events.is_empty() {
+                Vec::new()
+            } else {
+                match replies.next() {
+                    Some(reply) => {
+                        redis::from_redis_value(reply).map_err(redis::RedisError::from)?
+                    }
+                    None => Vec::new(),
+                }
+            };
+            answer.velocity.push(decode_lua_reply(
+                &values,
+                update.events.len(),
+                update.windows_ms.len(),
+            )?);
+        }
+        Ok(answer)
     }
 }

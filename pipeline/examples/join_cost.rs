@@ -62,12 +62,8 @@ async fn main() -> anyhow::Result<()> {
             ],
         );
     }
-    let lookups = Lookups::new(workload.lookups.clone());
-    let lookup_schemas: Vec<(String, _)> = workload
-        .lookups
-        .iter()
-        .map(|l| (l.name.clone(), l.table_schema()))
-        .collect();
+    let lookups = Lookups::new(workload.lookups.clone(), workload.velocity.clone())?;
+    let lookup_schemas = lookups.table_schemas();
 
     println!("batch rows | per batch: plan + collect (p50 / p90) | planned once (p50 / p90) | ratio of p50s");
     for rows in [1usize, 64, 512] {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use serde::Deserialize;
-use verdict_features::{EntityLookup, RedisConfig};
+use verdict_features::{EntityLookup, RedisConfig, VelocitySpec};
 use verdict_scorers::{FraudThresholds, OnnxScorerConfig};
 
 use crate::PipelineError;
@@ -126,6 +126,9 @@ pub struct WorkloadConfig {
     pub batch: BatchConfig,
     #[serde(default)]
     pub lookups: Vec<EntityLookup>,
+    /// In-stream sliding-window aggregates (velocity features), each a table for the SQL.
+    #[serde(default)]
+    pub velocity: Vec<VelocitySpec>,
     /// DataFusion SQL over `input` and the lookup tables; must select `row_id` and every model
     /// feature.
     pub sql: String,

@@ -103,12 +103,9 @@ impl Workload {
             .schema()
             .clone();
 
-        let lookups = Lookups::new(config.lookups.clone());
-        let lookup_schemas: Vec<(String, SchemaRef)> = config
-            .lookups
-            .iter()
-            .map(|l| (l.name.clone(), l.table_schema()))
-            .collect();
+        let lookups = Lookups::new(config.lookups.clone(), config.velocity.clone())
+            .map_err(|e| cfg_err(e.to_string()))?;
+        let lookup_schemas = lookups.table_schemas();
         let join = SqlJoin::plan(&config.sql, decoded_schema, &lookup_schemas)
             .await
             .map_err(|e| cfg_err(format!("sql: {e}")))?;
@@ -491,10 +488,11 @@ mod tests {
 
     #[async_trait]
     impl verdict_features::FeatureStore for DownStore {
-        async fn read_hashes(
+        async fn fetch(
             &self,
             _: &[HashRead<'_>],
-        ) -> Result<Vec<Vec<Option<String>>>, FeatureError> {
+            _: &[verdict_features::velocity::VelocityUpdate],
+        ) -> Result<verdict_features::StoreAnswer, FeatureError> {
             Err(FeatureError::StoreTimeout { timeout_ms: 50 })
         }
     }
