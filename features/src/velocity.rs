@@ -382,38 +382,35 @@ impl VelocityPlan {
     }
 }
 
+/// The definition, spelled out and slow (quadratic), for tests: what event `upto` of
+/// `events` (in processing order) should see — every earlier-or-same event of its key, an
+/// (amount, id) counted once, with event time in `(t − w, t]`. Returns counts and cent sums.
+pub fn recount(events: &[VelocityEvent], windows_ms: &[i64], upto: usize) -> (Vec<i64>, Vec<i64>) {
+    let me = &events[upto];
+    let mut seen = std::collections::HashSet::new();
+    let mut counts = vec![0; windows_ms.len()];
+    let mut sums = vec![0; windows_ms.len()];
+    for e in events[..=upto].iter().rev() {
+        if e.key != me.key || !seen.insert((e.amount_cents, e.id.as_str())) {
+            continue;
+        }
+        for (i, w) in windows_ms.iter().enumerate() {
+            if e.event_time_ms > me.event_time_ms - w && e.event_time_ms <= me.event_time_ms {
+                counts[i] += 1;
+                sums[i] += e.amount_cents;
+            }
+        }
+    }
+    (counts, sums)
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The definition, spelled out: every earlier-or-same processed event of the key (an id
-    /// counted once) with event time in `(t − w, t]`.
-    pub fn brute_force(
-        events: &[VelocityEvent],
-        windows_ms: &[i64],
-        upto: usize,
-    ) -> (Vec<i64>, Vec<i64>) {
-        let me = &events[upto];
-        let mut seen = std::collections::HashSet::new();
-        let mut counts = vec![0; windows_ms.len()];
-        let mut sums = vec![0; windows_ms.len()];
-        for e in events[..=upto].iter().rev() {
-            if e.key != me.key || !seen.insert((e.amount_cents, e.id.clone())) {
-                continue;
-            }
-            for (i, w) in windows_ms.iter().enumerate() {
-                if e.event_time_ms > me.event_time_ms - w && e.event_time_ms <= me.event_time_ms {
-                    counts[i] += 1;
-                    sums[i] += e.amount_cents;
-                }
-            }
-        }
-        (counts, sums)
-    }
-
     /// Event sequences with bursts, out-of-order arrivals, late events and redeliveries.
-    pub fn event_sequence() -> impl Strategy<Value = Vec<VelocityEvent>> {
+    fn event_sequence() -> impl Strategy<Value = Vec<VelocityEvent>> {
         proptest::collection::vec(
             (
                 0u8..4,
@@ -446,8 +443,8 @@ pub(crate) mod tests {
         })
     }
 
-    pub const WINDOWS_MS: [i64; 3] = [10_000, 60_000, 600_000];
-    pub const LATENESS_MS: i64 = 5_000;
+    const WINDOWS_MS: [i64; 3] = [10_000, 60_000, 600_000];
+    const LATENESS_MS: i64 = 5_000;
 
     proptest! {
         /// Non-late events get exactly the brute-force figures; late ones never more.
@@ -466,7 +463,7 @@ pub(crate) mod tests {
                 }));
             }
             for (i, got) in answers.iter().enumerate() {
-                let (counts, sums) = brute_force(&events, &WINDOWS_MS, i);
+                let (counts, sums) = recount(&events, &WINDOWS_MS, i);
                 if got.late {
                     for w in 0..WINDOWS_MS.len() {
                         prop_assert!(got.counts[w] <= counts[w]);

@@ -3,7 +3,7 @@
 //! Keys are kebab-case, unknown keys are errors (a typo must not silently fall back to a
 //! default), durations are human-readable (`"2ms"`, `"1s"`), and relative paths are resolved
 //! against the config file's folder. librdkafka properties pass through untouched. See
-//! `deploy/config/fraud.toml` for a complete, commented example.
+//! `deploy/config/verdict.toml` for a complete, commented example.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use serde::Deserialize;
 use verdict_features::{EntityLookup, RedisConfig, VelocitySpec};
-use verdict_scorers::{FraudThresholds, OnnxScorerConfig};
+use verdict_scorers::{FraudThresholds, OnnxScorerConfig, PricingBounds};
 
 use crate::PipelineError;
 
@@ -135,6 +135,9 @@ pub struct WorkloadConfig {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub scorer: OnnxScorerConfig,
+    /// Put the model's input values in each decision (`features`), for audits and replays.
+    #[serde(default)]
+    pub include_features: bool,
     /// Batches in flight between stages (per channel). Small: backpressure, not buffering.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
@@ -159,8 +162,10 @@ pub struct BatchConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, tag = "kind")]
 pub enum PolicyConfig {
-    /// Score thresholds → approve / review / decline.
+    /// Score thresholds → approve / review / decline, with reason codes.
     Fraud(FraudThresholds),
+    /// Predicted multiplier → clamped, rounded multiplier and price (`base_price` column).
+    Pricing(PricingBounds),
 }
 
 impl Config {
@@ -230,9 +235,9 @@ impl Config {
     }
 }
 
-/// The example config shipped with the repository (`deploy/config/fraud.toml`), used by the
+/// The example config shipped with the repository (`deploy/config/verdict.toml`), used by the
 /// demo and the benchmark with the broker and Redis addresses replaced.
-pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/config/fraud.toml");
+pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/config/verdict.toml");
 
 /// Folder the example config's relative paths are resolved against.
 pub fn example_config_dir() -> PathBuf {

@@ -1,6 +1,6 @@
 //! `verdict demo`: the whole system on one machine with nothing started by hand. It starts a
 //! Kafka-protocol broker and Redis, loads card and merchant features, runs the example fraud
-//! workload (`deploy/config/fraud.toml`) in-process, produces generated transactions (and a
+//! workload (`deploy/config/verdict.toml`) in-process, produces generated transactions (and a
 //! few malformed messages, which must come out as dead letters), prints decisions as they
 //! arrive at an independent consumer, and ends with a summary.
 
@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::config::{example_config_dir, Config, EXAMPLE_CONFIG};
 use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
-use crate::generator::World;
+use crate::generator::{World, Zones, ZONES};
 use crate::local_stack::LocalStack;
 use crate::topology::WorkloadReport;
 use crate::Pipeline;
@@ -27,10 +27,13 @@ pub struct DemoArgs {
 }
 
 /// Topics of the example config, with their partition counts.
-pub const EXAMPLE_TOPICS: [(&str, i32); 3] = [
+pub const EXAMPLE_TOPICS: [(&str, i32); 6] = [
     ("transactions", 3),
     ("decisions", 3),
     ("transactions.dead-letter", 1),
+    ("quotes", 3),
+    ("prices", 3),
+    ("quotes.dead-letter", 1),
 ];
 
 /// Starts the local servers, creates the example topics, loads a world into Redis and returns
@@ -46,6 +49,10 @@ pub async fn local_setup(
         .load_into_redis(&stack.redis_url)
         .await
         .context("loading features into Redis")?;
+    Zones::generate(42, ZONES)
+        .load_into_redis(&stack.redis_url)
+        .await
+        .context("loading zone features into Redis")?;
     let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
     config.kafka.brokers = stack.kafka_bootstrap.clone();
     config.redis.url = stack.redis_url.clone();

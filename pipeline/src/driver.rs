@@ -245,7 +245,7 @@ fn produce(
     Ok((send_us, produce_elapsed))
 }
 
-fn send(
+pub(crate) fn send(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     key: &[u8],

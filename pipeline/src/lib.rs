@@ -22,6 +22,8 @@ pub mod config;
 pub mod dead_letter;
 pub mod demo;
 pub mod driver;
+pub mod feature_load;
+pub mod gen;
 pub mod generator;
 pub mod local_stack;
 pub mod source;

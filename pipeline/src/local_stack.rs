@@ -59,6 +59,19 @@ impl LocalStack {
         Ok(stack)
     }
 
+    /// Starts `redis-server` alone (`kafka_bootstrap` stays empty).
+    pub fn redis_only() -> Result<Self, PipelineError> {
+        let logs = tempfile::tempdir().map_err(|e| err(e.to_string()))?;
+        let mut stack = Self {
+            kafka_bootstrap: String::new(),
+            redis_url: String::new(),
+            children: Vec::new(),
+            logs,
+        };
+        stack.start_redis()?;
+        Ok(stack)
+    }
+
     fn log_file(&self, name: &str) -> Result<std::fs::File, PipelineError> {
         std::fs::File::create(self.logs.path().join(name)).map_err(|e| err(e.to_string()))
     }

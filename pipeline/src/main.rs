@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
-use verdict::{bench, demo, Config, Pipeline};
+use verdict::{bench, demo, feature_load, gen, Config, Pipeline};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +40,18 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput and produce → decision latency.
     Bench(bench::BenchArgs),
+    /// Synthetic traffic, entity features and training sets for the reference workloads.
+    #[command(subcommand)]
+    Gen(gen::GenCommand),
+    /// Manage entity features in Redis.
+    #[command(subcommand)]
+    Features(FeaturesCommand),
+}
+
+#[derive(Subcommand)]
+enum FeaturesCommand {
+    /// Bulk-load entity features from a CSV file into Redis hashes.
+    Load(feature_load::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +78,8 @@ fn main() -> anyhow::Result<()> {
             Command::Run { config } => run(config).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Gen(command) => gen::run(command).await,
+            Command::Features(FeaturesCommand::Load(args)) => feature_load::run(args).await,
         }
     })
 }

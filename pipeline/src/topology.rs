@@ -25,7 +25,7 @@ use verdict_features::{FeatureStore, RedisFeatureStore};
 use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
 use verdict_sinks::{Delivery, KafkaSink, Sink};
 
-use crate::config::Config;
+use crate::config::{Config, KafkaConfig, WorkloadConfig};
 use crate::source::kafka::SourceSettings;
 use crate::source::{spawn_kafka_source, JsonBatchDecoder, SourceHandle, SourceStats};
 use crate::workload::{now_ms, Decided, Scored, Workload};
@@ -77,8 +77,8 @@ pub struct WorkloadReport {
     pub source: SourceStats,
     pub decisions: u64,
     pub dead_letters: u64,
-    /// approve, review, decline.
-    pub outcomes: [u64; 3],
+    /// approve, review, decline, priced.
+    pub outcomes: [u64; 4],
     pub degraded_batches: u64,
     pub timings: StageTimings,
 }
@@ -90,7 +90,7 @@ struct RunningWorkload {
     enrich: JoinHandle<Result<(), PipelineError>>,
     score: std::thread::JoinHandle<Result<(), PipelineError>>,
     sink: JoinHandle<Result<(), PipelineError>>,
-    acker: JoinHandle<Result<([u64; 3], StageTimings), PipelineError>>,
+    acker: JoinHandle<Result<([u64; 4], StageTimings), PipelineError>>,
 }
 
 /// A decided batch whose records are enqueued, waiting for their acknowledgement.
@@ -106,6 +106,81 @@ struct PendingBatch {
 pub struct Pipeline {
     shutdown: Arc<AtomicBool>,
     workloads: Vec<RunningWorkload>,
+    failed: Vec<WorkloadFailure>,
+}
+
+/// A workload that could not start.
+#[derive(Debug, Clone)]
+pub struct WorkloadFailure {
+    pub name: String,
+    pub error: String,
+}
+
+/// Loads the model, plans the SQL, checks the topics exist, and spawns the stages.
+async fn start_workload(
+    config: &Config,
+    wc: &WorkloadConfig,
+    store: &Arc<dyn FeatureStore>,
+    sink: &Arc<KafkaSink>,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<RunningWorkload, PipelineError> {
+    let model = LoadedModel::load(&wc.model)?;
+    let workload = Arc::new(Workload::build(wc, &model).await?);
+    let scorer = OnnxScorer::new(&model, &wc.scorer)?;
+    let topics = [
+        wc.input_topic.clone(),
+        wc.decisions_topic.clone(),
+        wc.dead_letter_topic.clone(),
+    ];
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || check_topics_exist(&kafka, &topics))
+        .await
+        .map_err(|e| PipelineError::Stopped(e.to_string()))??;
+    tracing::info!(
+        workload = %wc.name,
+        model = %model.metadata.name,
+        model_version = %model.metadata.version,
+        sha256 = %model.metadata.sha256,
+        execution_provider = ?scorer.execution_provider(),
+        "workload ready"
+    );
+    spawn_workload(
+        config,
+        workload,
+        scorer,
+        Arc::clone(store),
+        Arc::clone(sink),
+        Arc::clone(shutdown),
+    )
+}
+
+/// verdict does not create topics (partitions and retention are the operator's choice):
+/// a missing one is a clear error at start rather than a consumer that waits forever or
+/// decisions that time out.
+fn check_topics_exist(kafka: &KafkaConfig, topics: &[String]) -> Result<(), PipelineError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut client_config = kafka.consumer("verdict-metadata");
+    client_config.set("allow.auto.create.topics", "false");
+    let client: BaseConsumer = client_config
+        .create()
+        .map_err(|e| PipelineError::Kafka(e.to_string()))?;
+    for topic in topics {
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| PipelineError::Kafka(format!("metadata for topic `{topic}`: {e}")))?;
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+        if !found {
+            return Err(PipelineError::Kafka(format!(
+                "topic `{topic}` does not exist on {}; create it first",
+                kafka.brokers
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Pipeline {
@@ -120,31 +195,42 @@ impl Pipeline {
         );
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut workloads = Vec::new();
+        let mut failed = Vec::new();
+        // Workloads are independent: one that cannot start (bad model file, missing topic,
+        // SQL that does not fit its model) is reported and skipped, and the others run.
         for wc in &config.workloads {
-            let model = LoadedModel::load(&wc.model)?;
-            let workload = Arc::new(Workload::build(wc, &model).await?);
-            let scorer = OnnxScorer::new(&model, &wc.scorer)?;
-            tracing::info!(
-                workload = %wc.name,
-                model = %model.metadata.name,
-                model_version = %model.metadata.version,
-                sha256 = %model.metadata.sha256,
-                execution_provider = ?scorer.execution_provider(),
-                "workload ready"
-            );
-            workloads.push(spawn_workload(
-                config,
-                workload,
-                scorer,
-                Arc::clone(&store),
-                Arc::clone(&sink),
-                Arc::clone(&shutdown),
-            )?);
+            let started = start_workload(config, wc, &store, &sink, &shutdown).await;
+            match started {
+                Ok(running) => workloads.push(running),
+                Err(e) => {
+                    tracing::error!(workload = %wc.name, error = %e, "workload not started");
+                    failed.push(WorkloadFailure {
+                        name: wc.name.clone(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        if workloads.is_empty() {
+            let reasons: Vec<String> = failed
+                .iter()
+                .map(|f| format!("{}: {}", f.name, f.error))
+                .collect();
+            return Err(PipelineError::Config(format!(
+                "no workload could start: {}",
+                reasons.join("; ")
+            )));
         }
         Ok(Self {
             shutdown,
             workloads,
+            failed,
         })
+    }
+
+    /// Workloads of the config that could not start, with why.
+    pub fn failed_workloads(&self) -> &[WorkloadFailure] {
+        &self.failed
     }
 
     /// The flag that stops the pipeline (set by SIGTERM/SIGINT in `main`).
@@ -320,7 +406,7 @@ fn spawn_workload(
         let counters = Arc::clone(&counters);
         tokio::spawn(async move {
             let mut timings = StageTimings::new();
-            let mut outcomes = [0u64; 3];
+            let mut outcomes = [0u64; 4];
             while let Some(pending) = pending_rx.recv().await {
                 let PendingBatch {
                     scored,

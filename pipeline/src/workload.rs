@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{
-    Array, AsArray, Float32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    Array, AsArray, Float32Array, Float32Builder, Float64Builder, Int64Array, ListBuilder,
+    StringArray, StringBuilder,
 };
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -15,7 +16,7 @@ use verdict_features::{FeatureColumn, FeatureMatrix, FeatureStore, SqlJoin};
 use verdict_schemas::{
     arrow_schema_from_json_schema, builtin_input_schema, decision_arrow_schema, Outcome,
 };
-use verdict_scorers::{FraudPolicy, LoadedModel, Scorer};
+use verdict_scorers::{FraudPolicy, LoadedModel, PricingPolicy, Reference, Scorer};
 use verdict_sinks::{DecisionEncoder, OutRecord};
 
 use crate::config::{PolicyConfig, WorkloadConfig};
@@ -34,13 +35,32 @@ pub struct Workload {
     pub input_schema: SchemaRef,
     pub model_name: String,
     pub model_version: String,
-    lookups: Lookups,
-    join: SqlJoin,
+    features: FeatureStage,
     feature_columns: Vec<FeatureColumn>,
-    policy: FraudPolicy,
+    policy: Policy,
     encoder: DecisionEncoder,
     dead_letter_topic: Arc<str>,
 }
+
+/// A workload's decision policy, with what it needs from the SQL output.
+enum Policy {
+    /// Thresholds, and per model feature its reference and reason codes (`name:high`,
+    /// `name:low`).
+    Fraud {
+        policy: FraudPolicy,
+        references: Vec<(Reference, String, String)>,
+    },
+    /// Bounds; the price is `base_price` (a SQL output column) × the multiplier.
+    Pricing { policy: PricingPolicy },
+}
+
+/// Column the pricing policy multiplies; `currency` is copied into the price when present.
+pub const BASE_PRICE: &str = "base_price";
+pub const CURRENCY: &str = "currency";
+
+/// Reference percentile beyond which a feature value is a reason (both tails).
+const REASON_TAIL: f64 = 0.05;
+const MAX_REASONS: usize = 3;
 
 /// Why a whole batch could not be scored (its rows are dead-lettered with this cause).
 #[derive(Debug, Clone)]
@@ -73,19 +93,23 @@ pub struct Scored {
 pub struct Decided {
     pub records: Vec<OutRecord>,
     pub decisions: usize,
-    pub outcomes: [usize; 3],
+    pub outcomes: [usize; 4],
     pub dead_letters: usize,
     /// Produce timestamps of decided rows (ms), for latency accounting.
     pub decided_timestamps_ms: Vec<i64>,
 }
 
-impl Workload {
-    /// Builds a workload: derives the input schema, plans the SQL, and checks that the SQL
-    /// output carries every model feature (a mismatch names the feature and the model file).
-    pub async fn build(
-        config: &WorkloadConfig,
-        model: &LoadedModel,
-    ) -> Result<Self, PipelineError> {
+/// The feature half of a workload — input contract, lookups, velocity and the planned SQL —
+/// shared by serving and by the offline computation of training data, so both compute
+/// features the same way.
+pub struct FeatureStage {
+    pub input_schema: SchemaRef,
+    pub lookups: Lookups,
+    pub join: SqlJoin,
+}
+
+impl FeatureStage {
+    pub async fn build(config: &WorkloadConfig) -> Result<Self, PipelineError> {
         let cfg_err =
             |msg: String| PipelineError::Config(format!("workload `{}`: {msg}", config.name));
         let schema_text = if config.input_schema.ends_with(".json") {
@@ -102,15 +126,44 @@ impl Workload {
         let decoded_schema = crate::source::JsonBatchDecoder::new(input_schema.clone(), 1)?
             .schema()
             .clone();
-
         let lookups = Lookups::new(config.lookups.clone(), config.velocity.clone())
             .map_err(|e| cfg_err(e.to_string()))?;
-        let lookup_schemas = lookups.table_schemas();
-        let join = SqlJoin::plan(&config.sql, decoded_schema, &lookup_schemas)
+        let join = SqlJoin::plan(&config.sql, decoded_schema, &lookups.table_schemas())
             .await
             .map_err(|e| cfg_err(format!("sql: {e}")))?;
+        Ok(Self {
+            input_schema,
+            lookups,
+            join,
+        })
+    }
 
-        let output = join.output_schema();
+    /// Lookups and velocity (one store round trip), then the SQL.
+    pub async fn compute(
+        &self,
+        store: &dyn FeatureStore,
+        rows: &RecordBatch,
+    ) -> Result<(RecordBatch, LookupStats), verdict_features::FeatureError> {
+        let (tables, stats) = self.lookups.fetch(store, rows).await?;
+        let mut all = Vec::with_capacity(tables.len() + 1);
+        all.push(rows.clone());
+        all.extend(tables);
+        Ok((self.join.run(&all).await?, stats))
+    }
+}
+
+impl Workload {
+    /// Builds a workload: derives the input schema, plans the SQL, and checks that the SQL
+    /// output carries every model feature (a mismatch names the feature and the model file).
+    pub async fn build(
+        config: &WorkloadConfig,
+        model: &LoadedModel,
+    ) -> Result<Self, PipelineError> {
+        let cfg_err =
+            |msg: String| PipelineError::Config(format!("workload `{}`: {msg}", config.name));
+        let features = FeatureStage::build(config).await?;
+        let input_schema = features.input_schema.clone();
+        let output = features.join.output_schema();
         for (column, wanted) in [
             (TRANSACTION_ID, DataType::Utf8),
             (EVENT_TIME_MS, DataType::Int64),
@@ -141,19 +194,42 @@ impl Workload {
             }
         }
 
+        let meta = &model.metadata;
         let policy = match &config.policy {
-            PolicyConfig::Fraud(thresholds) => {
-                FraudPolicy::new(*thresholds).map_err(|e| cfg_err(e.to_string()))?
+            PolicyConfig::Fraud(thresholds) => Policy::Fraud {
+                policy: FraudPolicy::new(*thresholds).map_err(|e| cfg_err(e.to_string()))?,
+                references: meta
+                    .features
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.reference.clone(),
+                            format!("{}:high", f.name),
+                            format!("{}:low", f.name),
+                        )
+                    })
+                    .collect(),
+            },
+            PolicyConfig::Pricing(bounds) => {
+                match output.field_with_name(BASE_PRICE) {
+                    Ok(f) if f.data_type().is_numeric() => {}
+                    _ => {
+                        return Err(cfg_err(format!(
+                            "sql: the pricing policy needs a numeric `{BASE_PRICE}` column"
+                        )))
+                    }
+                }
+                Policy::Pricing {
+                    policy: PricingPolicy::new(*bounds).map_err(|e| cfg_err(e.to_string()))?,
+                }
             }
         };
-        let meta = &model.metadata;
         Ok(Self {
             name: config.name.as_str().into(),
             input_schema,
             model_name: meta.name.clone(),
             model_version: meta.version.clone(),
-            lookups,
-            join,
+            features,
             feature_columns: meta
                 .features
                 .iter()
@@ -168,6 +244,7 @@ impl Workload {
                 workload: config.name.clone(),
                 model: meta.name.clone(),
                 model_version: meta.version.clone(),
+                feature_names: meta.features.iter().map(|f| f.name.clone()).collect(),
             },
             dead_letter_topic: config.dead_letter_topic.as_str().into(),
             config: config.clone(),
@@ -180,12 +257,13 @@ impl Workload {
     pub async fn enrich(&self, store: &dyn FeatureStore, batch: InputBatch) -> Enriched {
         let rows = &batch.decoded.batch;
         let started = Instant::now();
-        let (tables, lookup_stats, degraded) = match self.lookups.fetch(store, rows).await {
+        let (tables, lookup_stats, degraded) = match self.features.lookups.fetch(store, rows).await
+        {
             Ok((tables, stats)) => (Ok(tables), stats, None),
             Err(e) => {
                 let reason = e.to_string();
                 (
-                    self.lookups.all_missing(rows),
+                    self.features.lookups.all_missing(rows),
                     LookupStats::default(),
                     Some(reason),
                 )
@@ -203,11 +281,15 @@ impl Workload {
                 let mut all = Vec::with_capacity(tables.len() + 1);
                 all.push(rows.clone());
                 all.extend(tables);
-                self.join.run(&all).await.map_err(|e| StageFailure {
-                    stage: Stage::Features,
-                    cause: "sql-failed",
-                    detail: e.to_string(),
-                })
+                self.features
+                    .join
+                    .run(&all)
+                    .await
+                    .map_err(|e| StageFailure {
+                        stage: Stage::Features,
+                        cause: "sql-failed",
+                        detail: e.to_string(),
+                    })
             }
         };
         Enriched {
@@ -316,9 +398,49 @@ impl Workload {
                     }
                 }
                 let mut imputed = ListBuilder::new(StringBuilder::new());
+                let mut reasons = ListBuilder::new(StringBuilder::new());
+                let mut multipliers = Float64Builder::with_capacity(keep.len());
+                let mut prices = Float64Builder::with_capacity(keep.len());
+                let mut features = ListBuilder::new(Float32Builder::new());
                 let mut outcomes = Vec::with_capacity(keep.len());
+                let base_prices = match joined.column_by_name(BASE_PRICE) {
+                    Some(c) => Some(
+                        arrow::compute::cast(c, &DataType::Float64)
+                            .map_err(|e| PipelineError::Decode(e.to_string()))?,
+                    ),
+                    None => None,
+                };
+                let width = self.feature_columns.len();
                 for &row in &keep {
-                    let outcome = self.policy.decide(scores[row]);
+                    let values = &matrix.values[row * width..(row + 1) * width];
+                    let outcome = match &self.policy {
+                        Policy::Fraud { policy, references } => {
+                            let outcome = policy.decide(scores[row]);
+                            if outcome == Outcome::Approve {
+                                reasons.append_value(std::iter::empty::<Option<&str>>());
+                            } else {
+                                reasons.append_value(
+                                    reason_codes(references, values).into_iter().map(Some),
+                                );
+                            }
+                            multipliers.append_null();
+                            prices.append_null();
+                            outcome
+                        }
+                        Policy::Pricing { policy } => {
+                            let base = base_prices
+                                .as_ref()
+                                .map(|c| c.as_primitive::<arrow::datatypes::Float64Type>())
+                                .filter(|c| !c.is_null(row))
+                                .map(|c| c.value(row))
+                                .unwrap_or(f64::NAN);
+                            let quote = policy.price(scores[row], base);
+                            reasons.append_value(std::iter::empty::<Option<&str>>());
+                            multipliers.append_value(quote.multiplier);
+                            prices.append_option(quote.amount.is_finite().then_some(quote.amount));
+                            Outcome::Priced
+                        }
+                    };
                     out.outcomes[Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0)] += 1;
                     outcomes.push(outcome.as_str());
                     imputed.append_value(
@@ -326,6 +448,11 @@ impl Workload {
                             .iter()
                             .map(|f| Some(self.feature_columns[*f as usize].name.as_str())),
                     );
+                    if self.config.include_features {
+                        features.append_value(values.iter().map(|v| Some(*v)));
+                    } else {
+                        features.append_null();
+                    }
                     if let Some(ts) = batch.messages[row_message[row]].timestamp_ms {
                         out.decided_timestamps_ms.push(ts);
                     }
@@ -345,6 +472,20 @@ impl Workload {
                         }))),
                         Arc::new(Int64Array::from_value(decided_at, keep.len())),
                         Arc::new(imputed.finish()),
+                        Arc::new(reasons.finish()),
+                        Arc::new(multipliers.finish()),
+                        Arc::new(prices.finish()),
+                        Arc::new(match joined.column_by_name(CURRENCY) {
+                            Some(c) if c.data_type() == &DataType::Utf8 => {
+                                let c = c.as_string::<i32>();
+                                StringArray::from_iter(keep.iter().map(|&r| {
+                                    (!c.is_null(r) && matches!(self.policy, Policy::Pricing { .. }))
+                                        .then(|| c.value(r))
+                                }))
+                            }
+                            _ => StringArray::new_null(keep.len()),
+                        }),
+                        Arc::new(features.finish()),
                     ],
                 )
                 .map_err(|e| PipelineError::Decode(e.to_string()))?;
@@ -359,6 +500,46 @@ impl Workload {
         out.dead_letters = out.records.len() - out.decisions;
         Ok(out)
     }
+}
+
+/// Up to [`MAX_REASONS`] reason codes: the features whose value lies in the outer
+/// [`REASON_TAIL`] of their reference on either side (counting the value's whole reference
+/// bin, so a common value is never a reason) or, for a category, is rarer than that share;
+/// rarest first.
+fn reason_codes<'a>(references: &'a [(Reference, String, String)], values: &[f32]) -> Vec<&'a str> {
+    let mut candidates: Vec<(f64, &str)> = Vec::new();
+    for ((reference, high, low), &value) in references.iter().zip(values) {
+        let value = f64::from(value);
+        match reference {
+            Reference::Bins { .. } => {
+                if let Some((at_or_below, at_or_above)) = reference.tails(value) {
+                    if at_or_above <= REASON_TAIL + 1e-9 {
+                        candidates.push((1.0 - at_or_above, high));
+                    } else if at_or_below <= REASON_TAIL + 1e-9 {
+                        candidates.push((1.0 - at_or_below, low));
+                    }
+                }
+            }
+            Reference::Categories { counts } => {
+                let total: u64 = counts.values().sum();
+                let seen = counts
+                    .iter()
+                    .find(|(k, _)| k.parse::<f64>().ok() == Some(value))
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0);
+                let share = seen as f64 / total.max(1) as f64;
+                if share < REASON_TAIL {
+                    candidates.push((1.0 - share, if value > 0.0 { high } else { low }));
+                }
+            }
+        }
+    }
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    candidates
+        .into_iter()
+        .take(MAX_REASONS)
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Wall-clock now, ms since the Unix epoch.
@@ -430,14 +611,20 @@ mod tests {
         );
         store.insert(
             "merchant:m1",
-            &[("fraud_rate_90d", "0.01"), ("risk_score", "0.2")],
+            &[
+                ("fraud_rate_90d", "0.01"),
+                ("risk_score", "0.2"),
+                ("age_days", "700"),
+            ],
         );
         store
     }
 
+    const FRAUD_FEATURES: usize = 15;
+
     /// Scores = the second feature (amount / card average) / 10, so the test can predict them.
     fn ratio_scorer() -> FnScorer<impl FnMut(&[f32]) -> f32 + Send> {
-        FnScorer::new(10, |row: &[f32]| row[1] / 10.0)
+        FnScorer::new(FRAUD_FEATURES, |row: &[f32]| row[1] / 10.0)
     }
 
     #[tokio::test]
@@ -510,7 +697,7 @@ mod tests {
         let imputed = decision["imputed_features"].as_array().unwrap();
         assert_eq!(
             imputed.len(),
-            7,
+            12,
             "every looked-up feature is imputed: {imputed:?}"
         );
     }
@@ -524,7 +711,7 @@ mod tests {
             ))
         }
         fn feature_count(&self) -> usize {
-            10
+            FRAUD_FEATURES
         }
     }
 
@@ -573,5 +760,170 @@ mod tests {
             err.contains("`hour_of_day`") && err.contains("model.json"),
             "{err}"
         );
+    }
+
+    fn decisions_of(decided: &Decided) -> Vec<serde_json::Value> {
+        decided
+            .records
+            .iter()
+            .filter(|r| {
+                &*r.topic != "transactions.dead-letter" && &*r.topic != "quotes.dead-letter"
+            })
+            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn velocity_counts_reach_the_model_and_accumulate_across_batches() {
+        let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+        config.workloads[0].include_features = true;
+        let wc = &config.workloads[0];
+        let w = Workload::build(wc, &LoadedModel::load(&wc.model).unwrap())
+            .await
+            .unwrap();
+        let store = store();
+        let at = |id: &str, amount: f64, t: i64| {
+            tx(id, "c1", amount).replace("1700000000000", &t.to_string())
+        };
+        let t0 = 1_700_000_000_000i64;
+        // Batch 1: two payments 10 s apart. Batch 2: one 2 minutes later, one 2 hours later.
+        let first = batch(
+            &w,
+            vec![
+                message(0, &at("a", 10.0, t0)),
+                message(1, &at("b", 20.0, t0 + 10_000)),
+            ],
+        );
+        let second = batch(
+            &w,
+            vec![
+                message(2, &at("c", 30.0, t0 + 130_000)),
+                message(3, &at("d", 40.0, t0 + 7_200_000)),
+            ],
+        );
+        let mut seen = Vec::new();
+        for input in [first, second] {
+            let enriched = w.enrich(&store, input).await;
+            let decided = w.decide(&w.score(&mut ratio_scorer(), enriched)).unwrap();
+            seen.extend(decisions_of(&decided));
+        }
+        let feature = |d: &serde_json::Value, name: &str| d["features"][name].as_f64().unwrap();
+        let counts: Vec<(f64, f64, f64)> = seen
+            .iter()
+            .map(|d| {
+                (
+                    feature(d, "card_tx_count_1m"),
+                    feature(d, "card_tx_count_1h"),
+                    feature(d, "card_tx_count_24h"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                (1.0, 1.0, 1.0),
+                (2.0, 2.0, 2.0),
+                (1.0, 3.0, 3.0),
+                (1.0, 1.0, 4.0)
+            ]
+        );
+        // 24 h sum (10+20+30+40) over the card's 30-day average (50).
+        assert!((feature(&seen[3], "card_amount_24h_to_avg") - 2.0).abs() < 1e-6);
+    }
+
+    #[tokio::test]
+    async fn a_decline_names_the_features_furthest_from_the_reference() {
+        let w = fraud().await;
+        // Ten times the card's average, at a young high-risk merchant, abroad.
+        let store = store();
+        store.insert(
+            "merchant:m9",
+            &[
+                ("fraud_rate_90d", "0.09"),
+                ("risk_score", "0.95"),
+                ("age_days", "3"),
+            ],
+        );
+        let payload = tx("t0", "c1", 500.0)
+            .replace("\"m1\"", "\"m9\"")
+            .replace("\"DE\"", "\"NG\"");
+        let enriched = w
+            .enrich(&store, batch(&w, vec![message(0, &payload)]))
+            .await;
+        let always_decline = FnScorer::new(FRAUD_FEATURES, |_: &[f32]| 0.99);
+        let decided = w
+            .decide(&w.score(&mut { always_decline }, enriched))
+            .unwrap();
+        let decision = &decisions_of(&decided)[0];
+        assert_eq!(decision["decision"], "decline");
+        let reasons: Vec<&str> = decision["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        assert!(!reasons.is_empty() && reasons.len() <= 3, "{reasons:?}");
+        assert!(
+            reasons.iter().all(|r| [
+                "amount_to_card_avg:high",
+                "merchant_fraud_rate_90d:high",
+                "merchant_risk_score:high",
+                "merchant_age_days:low",
+                "is_foreign:high",
+                "amount:high",
+                "card_amount_24h_to_avg:high",
+            ]
+            .contains(r)),
+            "{reasons:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_quote_is_priced_inside_the_bounds_and_rounded() {
+        let config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+        let wc = config
+            .workloads
+            .iter()
+            .find(|w| w.name == "pricing")
+            .unwrap();
+        let w = Workload::build(wc, &LoadedModel::load(&wc.model).unwrap())
+            .await
+            .unwrap();
+        let store = InMemoryFeatureStore::new();
+        store.insert(
+            "zone:z1",
+            &[
+                ("baseline_demand", "40"),
+                ("baseline_supply", "50"),
+                ("avg_multiplier_7d", "1.1"),
+            ],
+        );
+        let quote = |id: &str| {
+            format!(
+                r#"{{"quote_id":"{id}","zone_id":"z1","product":"standard","distance_km":5.0,"base_price":8.0,"currency":"EUR","open_requests":90,"available_drivers":20,"event_time_ms":1700000000000}}"#
+            )
+        };
+        let input = batch(&w, vec![message(0, &quote("q1")), message(1, &quote("q2"))]);
+        let enriched = w.enrich(&store, input).await;
+        // A model that predicts 7.3 and one that predicts 1.337: the cap and the rounding.
+        let mut n = 0;
+        let mut scorer = FnScorer::new(8, move |_: &[f32]| {
+            n += 1;
+            if n == 1 {
+                7.3
+            } else {
+                1.337
+            }
+        });
+        let decided = w.decide(&w.score(&mut scorer, enriched)).unwrap();
+        let d = decisions_of(&decided);
+        assert_eq!(d[0]["decision"], "priced");
+        assert_eq!(d[0]["workload"], "pricing");
+        assert_eq!(
+            d[0]["price"],
+            serde_json::json!({"multiplier": 3.0, "amount": 24.0, "currency": "EUR"})
+        );
+        assert_eq!(d[1]["price"]["multiplier"], 1.35);
+        assert_eq!(d[1]["price"]["amount"], 10.8);
     }
 }

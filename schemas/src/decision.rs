@@ -13,18 +13,41 @@ pub enum Outcome {
     Approve,
     Review,
     Decline,
+    /// A pricing decision: the record carries the price.
+    Priced,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 3] = [Outcome::Approve, Outcome::Review, Outcome::Decline];
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Approve,
+        Outcome::Review,
+        Outcome::Decline,
+        Outcome::Priced,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Approve => "approve",
             Outcome::Review => "review",
             Outcome::Decline => "decline",
+            Outcome::Priced => "priced",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// The price of a pricing decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct PriceRecord<'a> {
+    /// The multiplier quoted, after the policy's clamping and rounding.
+    pub multiplier: f64,
+    /// `base_price × multiplier`, rounded to cents.
+    pub amount: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<&'a str>,
 }
 
 /// One decision, borrowed from the batch it was computed in (encoding allocates nothing but
@@ -40,6 +63,14 @@ pub struct DecisionRecord<'a> {
     pub event_time_ms: i64,
     pub decision_time_ms: i64,
     pub imputed_features: Vec<&'a str>,
+    /// Reason codes (`<feature>:high` / `<feature>:low`): for fraud reviews and declines, the
+    /// features furthest out in their reference distribution.
+    pub reasons: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price: Option<PriceRecord<'a>>,
+    /// The model's input values, when the workload is configured to include them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<std::collections::BTreeMap<&'a str, f32>>,
 }
 
 /// Arrow schema of the decisions batch that flows from the policy to the sink: one row per
@@ -59,6 +90,25 @@ pub fn decision_arrow_schema() -> arrow::datatypes::SchemaRef {
                 true,
             ))),
             false,
+        ),
+        Field::new(
+            "reasons",
+            DataType::List(std::sync::Arc::new(Field::new_list_field(
+                DataType::Utf8,
+                true,
+            ))),
+            false,
+        ),
+        Field::new("price_multiplier", DataType::Float64, true),
+        Field::new("price", DataType::Float64, true),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new(
+            "features",
+            DataType::List(std::sync::Arc::new(Field::new_list_field(
+                DataType::Float32,
+                true,
+            ))),
+            true,
         ),
     ]))
 }
@@ -81,6 +131,9 @@ mod tests {
             event_time_ms: 1_700_000_000_000,
             decision_time_ms: 1_700_000_000_003,
             imputed_features: vec!["card_age_days"],
+            reasons: vec!["card_tx_count_1m:high"],
+            price: None,
+            features: None,
         };
         let value = serde_json::to_value(&record).unwrap();
         assert!(validator.is_valid(&value), "{value}");
@@ -89,5 +142,21 @@ mod tests {
         let mut bad = value.clone();
         bad["decision"] = "maybe".into();
         assert!(!validator.is_valid(&bad));
+
+        // A pricing decision carries its price; features are a name → value map.
+        let priced = DecisionRecord {
+            decision: Outcome::Priced,
+            score: 1.37,
+            reasons: vec![],
+            price: Some(PriceRecord {
+                multiplier: 1.35,
+                amount: 13.5,
+                currency: Some("EUR"),
+            }),
+            features: Some([("distance_km", 4.2f32)].into_iter().collect()),
+            ..record
+        };
+        let value = serde_json::to_value(&priced).unwrap();
+        assert!(validator.is_valid(&value), "{value}");
     }
 }

@@ -13,16 +13,20 @@ use serde_json::Value;
 use crate::SchemaError;
 
 /// Names accepted by [`builtin_input_schema`].
-pub const BUILTIN_NAMES: &[&str] = &["fraud-transaction"];
+pub const BUILTIN_NAMES: &[&str] = &["fraud-transaction", "pricing-quote"];
 
 /// JSON Schema of the fraud workload's input (card transactions).
 pub const FRAUD_TRANSACTION_JSON_SCHEMA: &str =
     include_str!("../json/fraud-transaction.schema.json");
 
+/// JSON Schema of the pricing workload's input (ride quote requests).
+pub const PRICING_QUOTE_JSON_SCHEMA: &str = include_str!("../json/pricing-quote.schema.json");
+
 /// The JSON Schema text of a built-in input contract.
 pub fn builtin_input_schema(name: &str) -> Result<&'static str, SchemaError> {
     match name {
         "fraud-transaction" => Ok(FRAUD_TRANSACTION_JSON_SCHEMA),
+        "pricing-quote" => Ok(PRICING_QUOTE_JSON_SCHEMA),
         other => Err(SchemaError::UnknownBuiltin(other.to_string())),
     }
 }

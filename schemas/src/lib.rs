@@ -15,7 +15,7 @@ pub mod dead_letter;
 pub mod decision;
 pub mod input;
 
-pub use decision::{decision_arrow_schema, DecisionRecord, Outcome};
+pub use decision::{decision_arrow_schema, DecisionRecord, Outcome, PriceRecord};
 pub use input::{arrow_schema_from_json_schema, builtin_input_schema};
 
 /// Errors in a contract itself (not in the data it describes).

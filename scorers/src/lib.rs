@@ -13,9 +13,9 @@ pub mod policy;
 pub mod runtime;
 pub mod scorer;
 
-pub use model::{FeatureSpec, LoadedModel, ModelMetadata};
+pub use model::{FeatureSpec, FeatureType, LoadedModel, ModelMetadata, Reference};
 pub use onnx::{ExecutionProvider, OnnxScorer, OnnxScorerConfig};
-pub use policy::{FraudPolicy, FraudThresholds};
+pub use policy::{FraudPolicy, FraudThresholds, PriceQuote, PricingBounds, PricingPolicy};
 pub use scorer::{FnScorer, Scorer};
 
 use std::path::PathBuf;

@@ -98,3 +98,142 @@ mod tests {
         }
     }
 }
+
+/// `[workloads.policy] kind = "pricing"`: the model predicts a price multiplier; the policy
+/// keeps it inside business bounds and on a price grid.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PricingBounds {
+    /// Lowest multiplier ever quoted (e.g. 1.0: never below the base price).
+    pub min_multiplier: f64,
+    /// Highest multiplier ever quoted (a surge cap).
+    pub max_multiplier: f64,
+    /// Multipliers are rounded to a multiple of this (e.g. 0.05); 0 disables rounding.
+    #[serde(default)]
+    pub multiplier_step: f64,
+}
+
+/// A quoted price.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PriceQuote {
+    pub multiplier: f64,
+    /// `base_price × multiplier`, rounded to cents.
+    pub amount: f64,
+}
+
+/// The pricing policy.
+#[derive(Debug, Clone, Copy)]
+pub struct PricingPolicy {
+    bounds: PricingBounds,
+}
+
+impl PricingPolicy {
+    /// Refuses bounds that are not positive and ordered, or a negative step.
+    pub fn new(bounds: PricingBounds) -> Result<Self> {
+        let PricingBounds {
+            min_multiplier: lo,
+            max_multiplier: hi,
+            multiplier_step: step,
+        } = bounds;
+        if !(lo > 0.0 && lo <= hi && hi.is_finite() && step >= 0.0 && step.is_finite()) {
+            return Err(ScorerError::Policy(format!(
+                "pricing bounds must satisfy 0 < min-multiplier ({lo}) <= max-multiplier ({hi}) \
+                 and multiplier-step ({step}) >= 0"
+            )));
+        }
+        Ok(Self { bounds })
+    }
+
+    /// Clamps, then rounds to the step (staying inside the bounds), then prices. A NaN
+    /// prediction quotes the lower bound: never an unbounded price.
+    pub fn price(&self, predicted: f32, base_price: f64) -> PriceQuote {
+        let PricingBounds {
+            min_multiplier: lo,
+            max_multiplier: hi,
+            multiplier_step: step,
+        } = self.bounds;
+        let predicted = f64::from(predicted);
+        let mut m = if predicted.is_nan() {
+            lo
+        } else {
+            predicted.clamp(lo, hi)
+        };
+        if step > 0.0 {
+            m = (m / step).round() * step;
+            // Rounding may step just outside a bound that is not on the grid.
+            if m > hi + 1e-9 {
+                m -= step;
+            }
+            if m < lo - 1e-9 {
+                m += step;
+            }
+            m = (m * 1e6).round() / 1e6;
+        }
+        PriceQuote {
+            multiplier: m,
+            amount: (base_price * m * 100.0).round() / 100.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod pricing_tests {
+    use super::*;
+
+    fn policy() -> PricingPolicy {
+        PricingPolicy::new(PricingBounds {
+            min_multiplier: 1.0,
+            max_multiplier: 3.0,
+            multiplier_step: 0.05,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn multipliers_are_clamped_rounded_and_priced_in_cents() {
+        let p = policy();
+        assert_eq!(
+            p.price(0.7, 10.0),
+            PriceQuote {
+                multiplier: 1.0,
+                amount: 10.0
+            }
+        );
+        assert_eq!(
+            p.price(1.234, 10.0),
+            PriceQuote {
+                multiplier: 1.25,
+                amount: 12.5
+            }
+        );
+        assert_eq!(
+            p.price(7.0, 9.99),
+            PriceQuote {
+                multiplier: 3.0,
+                amount: 29.97
+            }
+        );
+        assert_eq!(p.price(f32::NAN, 10.0).multiplier, 1.0);
+    }
+
+    #[test]
+    fn bad_bounds_are_refused() {
+        let err = PricingPolicy::new(PricingBounds {
+            min_multiplier: 2.0,
+            max_multiplier: 1.0,
+            multiplier_step: 0.1,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("min-multiplier (2)"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_quote_stays_inside_the_bounds(x in -10f32..10.0, base in 0.0f64..500.0) {
+            let q = policy().price(x, base);
+            proptest::prop_assert!((1.0..=3.0).contains(&q.multiplier));
+            proptest::prop_assert!(((q.multiplier / 0.05).round() * 0.05 - q.multiplier).abs() < 1e-9);
+        }
+    }
+}

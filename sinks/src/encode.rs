@@ -2,13 +2,27 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Float32Array, Int64Array, ListArray, StringArray};
-use arrow::datatypes::{Float32Type, Int64Type};
+use arrow::array::{
+    Array, AsArray, Float32Array, Float64Array, Int64Array, ListArray, StringArray,
+};
+use arrow::datatypes::{Float32Type, Float64Type, Int64Type};
 use arrow::record_batch::RecordBatch;
-use verdict_schemas::{DecisionRecord, Outcome};
+use verdict_schemas::{DecisionRecord, Outcome, PriceRecord};
 
 use crate::sink::OutRecord;
 use crate::{Result, SinkError};
+
+/// The strings of row `row` of a list-of-strings column, borrowed from the batch.
+fn strings(list: &ListArray, row: usize) -> Vec<&str> {
+    if list.is_null(row) {
+        return Vec::new();
+    }
+    let offsets = list.value_offsets();
+    let values = list.values().as_string::<i32>();
+    (offsets[row] as usize..offsets[row + 1] as usize)
+        .map(|i| values.value(i))
+        .collect()
+}
 
 /// Encodes decisions for one workload's decisions topic.
 #[derive(Debug, Clone)]
@@ -17,6 +31,8 @@ pub struct DecisionEncoder {
     pub workload: String,
     pub model: String,
     pub model_version: String,
+    /// Model feature names, in the order of the batch's `features` lists.
+    pub feature_names: Vec<String>,
 }
 
 impl DecisionEncoder {
@@ -34,17 +50,35 @@ impl DecisionEncoder {
         let event_times: &Int64Array = column("event_time_ms")?.as_primitive::<Int64Type>();
         let decision_times: &Int64Array = column("decision_time_ms")?.as_primitive::<Int64Type>();
         let imputed: &ListArray = column("imputed_features")?.as_list();
+        let reasons: &ListArray = column("reasons")?.as_list();
+        let multipliers: &Float64Array = column("price_multiplier")?.as_primitive::<Float64Type>();
+        let prices: &Float64Array = column("price")?.as_primitive::<Float64Type>();
+        let currencies: &StringArray = column("currency")?.as_string();
+        let features: &ListArray = column("features")?.as_list();
 
         let mut records = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
-            let outcome = match outcomes.value(row) {
-                "approve" => Outcome::Approve,
-                "review" => Outcome::Review,
-                "decline" => Outcome::Decline,
-                other => return Err(SinkError::Encode(format!("unknown outcome `{other}`"))),
+            let outcome = Outcome::parse(outcomes.value(row)).ok_or_else(|| {
+                SinkError::Encode(format!("unknown outcome `{}`", outcomes.value(row)))
+            })?;
+            let price = (!prices.is_null(row)).then(|| PriceRecord {
+                multiplier: multipliers.value(row),
+                amount: prices.value(row),
+                currency: (!currencies.is_null(row)).then(|| currencies.value(row)),
+            });
+            let feature_values = if features.is_null(row) {
+                None
+            } else {
+                let offsets = features.value_offsets();
+                let values = features.values().as_primitive::<Float32Type>();
+                Some(
+                    self.feature_names
+                        .iter()
+                        .zip(offsets[row] as usize..offsets[row + 1] as usize)
+                        .map(|(name, i)| (name.as_str(), values.value(i)))
+                        .collect(),
+                )
             };
-            let imputed_row = imputed.value(row);
-            let imputed_names = imputed_row.as_string::<i32>();
             let record = DecisionRecord {
                 transaction_id: ids.value(row),
                 workload: &self.workload,
@@ -54,9 +88,10 @@ impl DecisionEncoder {
                 model_version: &self.model_version,
                 event_time_ms: event_times.value(row),
                 decision_time_ms: decision_times.value(row),
-                imputed_features: (0..imputed_names.len())
-                    .map(|i| imputed_names.value(i))
-                    .collect(),
+                imputed_features: strings(imputed, row),
+                reasons: strings(reasons, row),
+                price,
+                features: feature_values,
             };
             let payload =
                 serde_json::to_vec(&record).map_err(|e| SinkError::Encode(e.to_string()))?;
@@ -74,7 +109,7 @@ impl DecisionEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{ListBuilder, StringBuilder};
+    use arrow::array::{Float32Builder, ListBuilder, StringBuilder};
     use verdict_schemas::decision_arrow_schema;
 
     #[test]
@@ -82,6 +117,12 @@ mod tests {
         let mut imputed = ListBuilder::new(StringBuilder::new());
         imputed.append_value([Some("card_age_days")]);
         imputed.append_value(Vec::<Option<&str>>::new());
+        let mut reasons = ListBuilder::new(StringBuilder::new());
+        reasons.append_value([Some("amount:high")]);
+        reasons.append_value(Vec::<Option<&str>>::new());
+        let mut features = ListBuilder::new(Float32Builder::new());
+        features.append_value([Some(1.5f32), Some(2.0)]);
+        features.append_null();
         let batch = RecordBatch::try_new(
             decision_arrow_schema(),
             vec![
@@ -91,6 +132,11 @@ mod tests {
                 Arc::new(Int64Array::from(vec![1, 2])),
                 Arc::new(Int64Array::from(vec![10, 20])),
                 Arc::new(imputed.finish()),
+                Arc::new(reasons.finish()),
+                Arc::new(Float64Array::from(vec![None, Some(1.25)])),
+                Arc::new(Float64Array::from(vec![None, Some(12.5)])),
+                Arc::new(StringArray::from(vec![None, Some("EUR")])),
+                Arc::new(features.finish()),
             ],
         )
         .unwrap();
@@ -99,6 +145,7 @@ mod tests {
             workload: "fraud".into(),
             model: "m".into(),
             model_version: "1".into(),
+            feature_names: vec!["a".into(), "b".into()],
         };
         let records = encoder.encode(&batch).unwrap();
         assert_eq!(records.len(), 2);
@@ -109,5 +156,13 @@ mod tests {
         assert_eq!(first["model_version"], "1");
         let second: serde_json::Value = serde_json::from_slice(&records[1].payload).unwrap();
         assert_eq!(second["imputed_features"].as_array().unwrap().len(), 0);
+        assert_eq!(first["reasons"][0], "amount:high");
+        assert_eq!(first["features"], serde_json::json!({"a": 1.5, "b": 2.0}));
+        assert!(first.get("price").is_none());
+        assert_eq!(
+            second["price"],
+            serde_json::json!({"multiplier": 1.25, "amount": 12.5, "currency": "EUR"})
+        );
+        assert!(second.get("features").is_none());
     }
 }

@@ -14,13 +14,14 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use verdict::config::{example_config_dir, Config, EXAMPLE_CONFIG};
 use verdict::demo::EXAMPLE_TOPICS;
-use verdict::generator::{Transaction, World};
+use verdict::generator::{Transaction, World, Zones, ZONES};
 use verdict::local_stack::LocalStack;
 
 /// A broker and Redis with the example topics and a world's features loaded.
 pub struct Harness {
     pub stack: LocalStack,
     pub world: World,
+    pub zones: Zones,
     pub config: Config,
 }
 
@@ -29,7 +30,9 @@ impl Harness {
         let stack = LocalStack::start()?;
         stack.create_topics(&EXAMPLE_TOPICS).await?;
         let world = World::generate(2026, cards, merchants);
+        let zones = Zones::generate(2026, ZONES);
         world.load_into_redis(&stack.redis_url).await?;
+        zones.load_into_redis(&stack.redis_url).await?;
         let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
         config.kafka.brokers = stack.kafka_bootstrap.clone();
         config.redis.url = stack.redis_url.clone();
@@ -39,6 +42,7 @@ impl Harness {
         Ok(Self {
             stack,
             world,
+            zones,
             config,
         })
     }
@@ -100,13 +104,15 @@ pub fn produce(
     Ok(())
 }
 
-/// Transactions as keyed JSON messages.
+/// Transactions as JSON messages keyed by card, as a payment system publishes them: one
+/// card's transactions stay in one partition, in order, so its velocity windows see them in
+/// event-time order.
 pub fn as_messages(transactions: &[Transaction]) -> Vec<(String, Vec<u8>)> {
     transactions
         .iter()
         .map(|t| {
             (
-                t.transaction_id.clone(),
+                t.card_id.clone(),
                 serde_json::to_vec(t).expect("serializable"),
             )
         })

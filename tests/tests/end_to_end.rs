@@ -22,9 +22,24 @@ use verdict_tests::{as_messages, produce, Collector, Harness};
 /// model's documented defaults. Returns the feature vector and the imputed feature names.
 fn features_row_by_row(
     tx: &Transaction,
+    history: &[Transaction],
     redis: &mut redis::Connection,
     model: &LoadedModel,
 ) -> (Vec<f32>, Vec<String>) {
+    // Velocity by brute force over the run: this card's transactions with event time in
+    // (t − w, t], this one included.
+    let window = |w_ms: i64| {
+        let same: Vec<&Transaction> = history
+            .iter()
+            .filter(|h| {
+                h.card_id == tx.card_id
+                    && h.event_time_ms > tx.event_time_ms - w_ms
+                    && h.event_time_ms <= tx.event_time_ms
+            })
+            .collect();
+        let cents: i64 = same.iter().map(|h| (h.amount * 100.0).round() as i64).sum();
+        (same.len() as f64, cents as f64 / 100.0)
+    };
     let card: HashMap<String, String> = redis.hgetall(format!("card:{}", tx.card_id)).unwrap();
     let merchant: HashMap<String, String> = redis
         .hgetall(format!("merchant:{}", tx.merchant_id))
@@ -46,6 +61,7 @@ fn features_row_by_row(
         ),
         ("merchant_fraud_rate_90d", num(&merchant, "fraud_rate_90d")),
         ("merchant_risk_score", num(&merchant, "risk_score")),
+        ("merchant_age_days", num(&merchant, "age_days")),
         (
             "is_online",
             Some(if tx.channel == "online" { 1.0 } else { 0.0 }),
@@ -53,6 +69,13 @@ fn features_row_by_row(
         (
             "hour_of_day",
             Some(((tx.event_time_ms / 3_600_000) % 24) as f64),
+        ),
+        ("card_tx_count_1m", Some(window(60_000).0)),
+        ("card_tx_count_1h", Some(window(3_600_000).0)),
+        ("card_tx_count_24h", Some(window(86_400_000).0)),
+        (
+            "card_amount_24h_to_avg",
+            num(&card, "avg_amount_30d").map(|avg| window(86_400_000).1 / avg),
         ),
     ];
     let mut values = Vec::new();
@@ -165,14 +188,16 @@ async fn every_transaction_gets_exactly_one_decision_with_the_models_score() -> 
     let model = fraud_model();
     let mut scorer = OnnxScorer::new(&model, &OnnxScorerConfig::default())?;
     let mut redis = redis::Client::open(harness.stack.redis_url.as_str())?.get_connection()?;
-    let policy = match &harness.config.workloads[0].policy {
-        verdict::config::PolicyConfig::Fraud(t) => verdict_scorers::FraudPolicy::new(*t)?,
+    let verdict::config::PolicyConfig::Fraud(thresholds) = &harness.config.workloads[0].policy
+    else {
+        panic!("the first example workload is fraud");
     };
+    let policy = verdict_scorers::FraudPolicy::new(*thresholds)?;
     let mut unknown_cards = 0;
     let mut max_diff = 0f32;
     for tx in &transactions {
         let decision = &by_id[&tx.transaction_id];
-        let (features, imputed) = features_row_by_row(tx, &mut redis, &model);
+        let (features, imputed) = features_row_by_row(tx, &transactions, &mut redis, &model);
         let expected = scorer.score(&features, 1)?[0];
         let got = decision["score"].as_f64().unwrap() as f32;
         max_diff = max_diff.max((expected - got).abs());
