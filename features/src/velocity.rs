@@ -411,36 +411,37 @@ mod tests {
 
     /// Event sequences with bursts, out-of-order arrivals, late events and redeliveries.
     fn event_sequence() -> impl Strategy<Value = Vec<VelocityEvent>> {
-        proptest::collection::vec(
-            (
-                0u8..4,
-                0i64..200_000,
-                -30_000i64..4_000,
-                1i64..50_000,
-                0u8..10,
-            ),
-            1..120,
-        )
-        .prop_map(|steps| {
-            let mut clock = 1_700_000_000_000i64;
-            let mut out: Vec<VelocityEvent> = Vec::new();
-            for (n, (card, advance, jitter, cents, redeliver)) in steps.into_iter().enumerate() {
-                if redeliver == 0 && !out.is_empty() {
-                    // At-least-once: the same message again.
-                    let again = out[n % out.len()].clone();
-                    out.push(again);
-                    continue;
+        // Exact window lengths as gaps, and no skew, put events right on window boundaries.
+        let gap = prop_oneof![
+            0i64..200_000,
+            Just(10_000i64),
+            Just(60_000i64),
+            Just(600_000i64)
+        ];
+        let skew = prop_oneof![Just(0i64), -30_000i64..4_000];
+        proptest::collection::vec((0u8..4, gap, skew, 1i64..50_000, 0u8..10), 1..120).prop_map(
+            |steps| {
+                let mut clock = 1_700_000_000_000i64;
+                let mut out: Vec<VelocityEvent> = Vec::new();
+                for (n, (card, advance, jitter, cents, redeliver)) in steps.into_iter().enumerate()
+                {
+                    if redeliver == 0 && !out.is_empty() {
+                        // At-least-once: the same message again.
+                        let again = out[n % out.len()].clone();
+                        out.push(again);
+                        continue;
+                    }
+                    clock += advance;
+                    out.push(VelocityEvent {
+                        key: format!("v:card-{card}"),
+                        event_time_ms: clock + jitter,
+                        amount_cents: cents,
+                        id: format!("tx-{n}"),
+                    });
                 }
-                clock += advance;
-                out.push(VelocityEvent {
-                    key: format!("v:card-{card}"),
-                    event_time_ms: clock + jitter,
-                    amount_cents: cents,
-                    id: format!("tx-{n}"),
-                });
-            }
-            out
-        })
+                out
+            },
+        )
     }
 
     const WINDOWS_MS: [i64; 3] = [10_000, 60_000, 600_000];

@@ -30,38 +30,48 @@ fn redis() -> &'static (LocalStack, tokio::runtime::Runtime, RedisFeatureStore) 
             "connect-timeout": "5s",
         }))
         .expect("config");
-        let store = RedisFeatureStore::connect(&config).expect("client");
+        // The connection manager spawns its driver on the runtime it is created in.
+        let store = runtime
+            .block_on(async { RedisFeatureStore::connect(&config) })
+            .expect("client");
         (stack, runtime, store)
     })
 }
 
-/// Card-testing bursts (seconds apart), hour-scale gaps, day-scale gaps, events up to an hour
-/// out of order, and redeliveries.
+/// Card-testing bursts (seconds apart), hour-scale gaps, day-scale gaps, gaps of exactly a
+/// window, events up to an hour out of order, and redeliveries.
 fn events() -> impl Strategy<Value = Vec<VelocityEvent>> {
-    let gap = prop_oneof![0i64..5_000, 0i64..600_000, 0i64..20_000_000];
-    proptest::collection::vec(
-        (0u8..3, gap, -3_600_000i64..1_000, 1i64..100_000, 0u8..8),
-        1..150,
-    )
-    .prop_map(|steps| {
-        let mut clock = 1_750_000_000_000i64;
-        let mut out: Vec<VelocityEvent> = Vec::new();
-        for (n, (card, gap, skew, cents, redeliver)) in steps.into_iter().enumerate() {
-            if redeliver == 0 && !out.is_empty() {
-                let again = out[(n * 7) % out.len()].clone();
-                out.push(again);
-                continue;
+    // Exact window lengths as gaps, and no skew, put events right on window boundaries.
+    let gap = prop_oneof![
+        0i64..5_000,
+        0i64..600_000,
+        0i64..20_000_000,
+        Just(60_000i64),
+        Just(3_600_000i64),
+        Just(86_400_000i64),
+    ];
+    let skew = prop_oneof![Just(0i64), -3_600_000i64..1_000];
+    proptest::collection::vec((0u8..3, gap, skew, 1i64..100_000, 0u8..8), 1..150).prop_map(
+        |steps| {
+            let mut clock = 1_750_000_000_000i64;
+            let mut out: Vec<VelocityEvent> = Vec::new();
+            for (n, (card, gap, skew, cents, redeliver)) in steps.into_iter().enumerate() {
+                if redeliver == 0 && !out.is_empty() {
+                    let again = out[(n * 7) % out.len()].clone();
+                    out.push(again);
+                    continue;
+                }
+                clock += gap;
+                out.push(VelocityEvent {
+                    key: format!("card-{card}"),
+                    event_time_ms: clock + skew,
+                    amount_cents: cents,
+                    id: format!("tx-{n}"),
+                });
             }
-            clock += gap;
-            out.push(VelocityEvent {
-                key: format!("card-{card}"),
-                event_time_ms: clock + skew,
-                amount_cents: cents,
-                id: format!("tx-{n}"),
-            });
-        }
-        out
-    })
+            out
+        },
+    )
 }
 
 proptest! {
