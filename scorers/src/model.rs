@@ -80,7 +80,11 @@ impl Reference {
                         counts.len()
                     ));
                 }
-                if edges.windows(2).any(|w| !(w[0] <= w[1])) {
+                // NaN edges fail too: partial_cmp gives None.
+                if edges
+                    .windows(2)
+                    .any(|w| w[0].partial_cmp(&w[1]).is_none_or(|o| o.is_gt()))
+                {
                     return Err("edges are not ascending".into());
                 }
                 Ok(())

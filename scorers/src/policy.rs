@@ -135,7 +135,8 @@ impl PricingPolicy {
             max_multiplier: hi,
             multiplier_step: step,
         } = bounds;
-        if !(lo > 0.0 && lo <= hi && hi.is_finite() && step >= 0.0 && step.is_finite()) {
+        let valid = lo > 0.0 && lo <= hi && hi.is_finite() && step >= 0.0 && step.is_finite();
+        if !valid {
             return Err(ScorerError::Policy(format!(
                 "pricing bounds must satisfy 0 < min-multiplier ({lo}) <= max-multiplier ({hi}) \
                  and multiplier-step ({step}) >= 0"

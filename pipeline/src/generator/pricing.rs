@@ -120,7 +120,7 @@ impl QuoteRequests<'_> {
         // 1970-01-01 was a Thursday: day 0 → 4 (Mon = 1 … Sun = 7 as 0).
         let weekday = (event_time_ms / 86_400_000 + 4).rem_euclid(7);
         let rush = matches!(hour, 7..=9 | 17..=19);
-        let weekend_night = matches!(weekday, 5 | 6) && (hour >= 22 || hour < 3);
+        let weekend_night = matches!(weekday, 5 | 6) && !(3..22).contains(&hour);
         let demand_level = if rush {
             1.6
         } else if weekend_night {
