@@ -45,6 +45,12 @@ pub struct BenchArgs {
     /// and ONNX Runtime's first run.
     #[arg(long, default_value_t = 1_000)]
     pub warmup: usize,
+    /// Cards in the synthetic world. Velocity windows count per card, so the number of cards
+    /// sets how busy each card looks: at the default, a 100k burst is ~0.5 payments per card,
+    /// as real traffic spread over many cards is; a few thousand cards make every card look
+    /// like a card-testing attack (and every velocity read scan tens of events).
+    #[arg(long, default_value_t = 200_000)]
+    pub cards: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -72,11 +78,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let run_id = format!("bench{}", std::process::id());
     let (stack, world, brokers, pipeline, workload) = match &args.brokers {
         Some(brokers) => {
-            let world = World::generate(42, 5_000, 500);
+            let world = World::generate(42, args.cards, 2_000);
             (None, world, brokers.clone(), None, None)
         }
         None => {
-            let (stack, world, mut config) = local_setup(5_000, 500).await?;
+            let (stack, world, mut config) = local_setup(args.cards, 2_000).await?;
             if let Some(rows) = args.max_rows {
                 config.workloads[0].batch.max_rows = rows;
             }
