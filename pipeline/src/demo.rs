@@ -24,6 +24,9 @@ pub struct DemoArgs {
     /// Decisions to print as they arrive.
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
+    /// Quote requests for the pricing workload, produced after the transactions (0: none).
+    #[arg(long, default_value_t = 2_000)]
+    pub quotes: usize,
 }
 
 /// Topics of the example config, with their partition counts.
@@ -115,6 +118,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         producer_linger_ms: 5,
     };
     let drive_report = tokio::task::spawn_blocking(move || drive(&world, &spec)).await??;
+
+    let pricing = config.workloads.iter().find(|w| w.name == "pricing");
+    let priced = match (pricing, args.quotes) {
+        (Some(pricing), quotes) if quotes > 0 => {
+            println!();
+            println!(
+                "pricing: producing {quotes} quote requests to `{}`, prices on `{}`",
+                pricing.input_topic, pricing.decisions_topic
+            );
+            let (brokers, input, output) = (
+                stack.kafka_bootstrap.clone(),
+                pricing.input_topic.clone(),
+                pricing.decisions_topic.clone(),
+            );
+            tokio::task::spawn_blocking(move || drive_quotes(&brokers, &input, &output, quotes))
+                .await??
+        }
+        _ => 0,
+    };
     pipeline.stop();
     let reports = pipeline.wait().await?;
     print_summary(&drive_report, &reports);
@@ -124,7 +146,72 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         drive_report.sent - drive_report.decided,
         drive_report.sent
     );
+    anyhow::ensure!(
+        priced == args.quotes,
+        "{} of {} quotes got no price",
+        args.quotes - priced,
+        args.quotes
+    );
     Ok(())
+}
+
+/// Produces quote requests, reads the prices back, prints a few and the multiplier mix.
+/// Returns how many distinct quotes were priced.
+fn drive_quotes(brokers: &str, input: &str, output: &str, count: usize) -> anyhow::Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("demo-prices-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[output])?;
+    crate::gen::produce_synthetic(&crate::gen::TopicArgs {
+        kind: crate::generator::Kind::Pricing,
+        brokers: brokers.to_string(),
+        topic: input.to_string(),
+        rate: 1_000.0,
+        count,
+        world_seed: 42,
+        seed: 9,
+    })?;
+    let mut seen = std::collections::HashSet::new();
+    let mut multipliers = std::collections::BTreeMap::<String, usize>::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while seen.len() < count && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(std::time::Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        let decision: serde_json::Value =
+            serde_json::from_slice(message.payload().unwrap_or_default())?;
+        let id = decision["transaction_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if seen.insert(id) {
+            if seen.len() <= 3 {
+                println!("  {decision}");
+            }
+            let m = decision["price"]["multiplier"].as_f64().unwrap_or(f64::NAN);
+            *multipliers.entry(format!("{m:.2}")).or_default() += 1;
+        }
+    }
+    let mut top: Vec<_> = multipliers.into_iter().collect();
+    top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let top: Vec<String> = top
+        .iter()
+        .take(6)
+        .map(|(m, n)| format!("×{m}: {n}"))
+        .collect();
+    println!(
+        "  priced {} of {count}; most quoted multipliers {}",
+        seen.len(),
+        top.join(", ")
+    );
+    Ok(seen.len())
 }
 
 /// Prints the driver's and the pipeline's figures.

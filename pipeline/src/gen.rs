@@ -94,13 +94,16 @@ pub struct DatasetArgs {
 
 pub async fn run(command: GenCommand) -> anyhow::Result<()> {
     match command {
-        GenCommand::Topic(args) => tokio::task::spawn_blocking(move || topic(args)).await?,
+        GenCommand::Topic(args) => {
+            tokio::task::spawn_blocking(move || produce_synthetic(&args)).await?
+        }
         GenCommand::Entities(args) => entities(args),
         GenCommand::Dataset(args) => dataset(args).await,
     }
 }
 
-fn topic(args: TopicArgs) -> anyhow::Result<()> {
+/// Produces `args.count` synthetic messages at `args.rate` (blocking).
+pub fn produce_synthetic(args: &TopicArgs) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("linger.ms", "5")
