@@ -122,9 +122,13 @@ async fn fraud_and_pricing_run_together_and_velocity_matches_a_recount() -> anyh
         "no duplicates, nothing missing"
     );
     assert_eq!(prices.len(), QUOTES, "no duplicates, nothing missing");
+    let schema: serde_json::Value =
+        serde_json::from_str(verdict_schemas::decision::DECISION_JSON_SCHEMA)?;
+    let validator = jsonschema::validator_for(&schema)?;
     let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
     for r in &decisions {
         let d: serde_json::Value = serde_json::from_slice(&r.payload)?;
+        assert!(validator.is_valid(&d), "{d}");
         assert_eq!(d["workload"], "fraud");
         assert!(["approve", "review", "decline"].contains(&d["decision"].as_str().unwrap()));
         by_id.insert(d["transaction_id"].as_str().unwrap().to_string(), d);
@@ -134,6 +138,7 @@ async fn fraud_and_pricing_run_together_and_velocity_matches_a_recount() -> anyh
     };
     for r in &prices {
         let d: serde_json::Value = serde_json::from_slice(&r.payload)?;
+        assert!(validator.is_valid(&d), "{d}");
         assert_eq!(d["workload"], "pricing");
         assert_eq!(d["decision"], "priced");
         let id = d["transaction_id"].as_str().unwrap();
