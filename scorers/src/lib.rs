@@ -5,8 +5,10 @@
 //! - [`runtime`]: the process-wide ONNX Runtime environment and finding `libonnxruntime.so`;
 //! - [`scorer`]: the [`Scorer`] trait and a test double;
 //! - [`onnx`]: the ONNX Runtime scorer (CPU, or CUDA with a logged fallback to CPU);
-//! - [`policy`]: score → decision.
+//! - [`policy`]: score → decision;
+//! - [`drift`]: drift statistics against the model's reference distributions, and the monitor.
 
+pub mod drift;
 pub mod model;
 pub mod onnx;
 pub mod policy;
