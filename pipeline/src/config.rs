@@ -13,6 +13,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use serde::Deserialize;
 use verdict_features::{EntityLookup, RedisConfig, VelocitySpec};
+use verdict_scorers::drift::DriftConfig;
 use verdict_scorers::{FraudThresholds, OnnxScorerConfig, PricingBounds};
 
 use crate::PipelineError;
@@ -135,6 +136,9 @@ pub struct WorkloadConfig {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub scorer: OnnxScorerConfig,
+    /// Drift monitoring against the model's reference distributions (off when absent).
+    #[serde(default)]
+    pub drift: Option<DriftConfig>,
     /// Put the model's input values in each decision (`features`), for audits and replays.
     #[serde(default)]
     pub include_features: bool,

@@ -30,13 +30,15 @@ pub struct DemoArgs {
 }
 
 /// Topics of the example config, with their partition counts.
-pub const EXAMPLE_TOPICS: [(&str, i32); 6] = [
+pub const EXAMPLE_TOPICS: [(&str, i32); 8] = [
     ("transactions", 3),
     ("decisions", 3),
     ("transactions.dead-letter", 1),
+    ("fraud.drift-alerts", 1),
     ("quotes", 3),
     ("prices", 3),
     ("quotes.dead-letter", 1),
+    ("pricing.drift-alerts", 1),
 ];
 
 /// Starts the local servers, creates the example topics, loads a world into Redis and returns

@@ -22,13 +22,14 @@ use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use verdict_features::{FeatureStore, RedisFeatureStore};
+use verdict_scorers::drift::DriftMonitor;
 use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
-use verdict_sinks::{Delivery, KafkaSink, Sink};
+use verdict_sinks::{Delivery, KafkaSink, OutRecord, Sink};
 
 use crate::config::{Config, KafkaConfig, WorkloadConfig};
 use crate::source::kafka::SourceSettings;
 use crate::source::{spawn_kafka_source, JsonBatchDecoder, SourceHandle, SourceStats};
-use crate::workload::{now_ms, Decided, Scored, Workload};
+use crate::workload::{now_ms, Decided, DriftInput, Scored, Workload};
 use crate::PipelineError;
 
 /// Batches enqueued to the producer and awaiting their acknowledgement, per workload.
@@ -44,6 +45,10 @@ pub struct Counters {
     pub decisions: AtomicU64,
     pub dead_letters: AtomicU64,
     pub degraded_batches: AtomicU64,
+    /// Drift alerts produced (firing, reminder, resolved).
+    pub drift_alerts: AtomicU64,
+    /// Batches the drift monitor did not see because it was behind (it never slows scoring).
+    pub drift_batches_skipped: AtomicU64,
 }
 
 /// Per-batch stage timings (µs) and sizes.
@@ -80,6 +85,8 @@ pub struct WorkloadReport {
     /// approve, review, decline, priced.
     pub outcomes: [u64; 4],
     pub degraded_batches: u64,
+    pub drift_alerts: u64,
+    pub drift_batches_skipped: u64,
     pub timings: StageTimings,
 }
 
@@ -91,6 +98,7 @@ struct RunningWorkload {
     score: std::thread::JoinHandle<Result<(), PipelineError>>,
     sink: JoinHandle<Result<(), PipelineError>>,
     acker: JoinHandle<Result<([u64; 4], StageTimings), PipelineError>>,
+    drift: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A decided batch whose records are enqueued, waiting for their acknowledgement.
@@ -127,11 +135,12 @@ async fn start_workload(
     let model = LoadedModel::load(&wc.model)?;
     let workload = Arc::new(Workload::build(wc, &model).await?);
     let scorer = OnnxScorer::new(&model, &wc.scorer)?;
-    let topics = [
+    let mut topics = vec![
         wc.input_topic.clone(),
         wc.decisions_topic.clone(),
         wc.dead_letter_topic.clone(),
     ];
+    topics.extend(wc.drift.as_ref().map(|d| d.alerts_topic.clone()));
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || check_topics_exist(&kafka, &topics))
         .await
@@ -147,6 +156,7 @@ async fn start_workload(
     spawn_workload(
         config,
         workload,
+        model.metadata.clone(),
         scorer,
         Arc::clone(store),
         Arc::clone(sink),
@@ -269,6 +279,13 @@ impl Pipeline {
                 .await
                 .map_err(|e| PipelineError::Stopped(e.to_string()))?;
             let sink = sink.and(acker);
+            if let Some(drift) = w.drift {
+                // The drift thread ends once the sink task has dropped its sender.
+                tokio::task::spawn_blocking(move || drift.join())
+                    .await
+                    .map_err(|e| PipelineError::Stopped(e.to_string()))?
+                    .map_err(|_| PipelineError::Stopped("drift thread panicked".into()))?;
+            }
             match (source, enrich, score, sink) {
                 (Ok(source), Ok(()), Ok(()), Ok((outcomes, timings))) => {
                     reports.push(WorkloadReport {
@@ -278,6 +295,11 @@ impl Pipeline {
                         dead_letters: w.counters.dead_letters.load(Ordering::Relaxed),
                         outcomes,
                         degraded_batches: w.counters.degraded_batches.load(Ordering::Relaxed),
+                        drift_alerts: w.counters.drift_alerts.load(Ordering::Relaxed),
+                        drift_batches_skipped: w
+                            .counters
+                            .drift_batches_skipped
+                            .load(Ordering::Relaxed),
                         timings,
                     })
                 }
@@ -299,9 +321,85 @@ impl Pipeline {
     }
 }
 
+/// Scored batches queued for the drift monitor before new ones skip it.
+const DRIFT_QUEUE_BATCHES: usize = 16;
+
+/// The drift monitor's thread: counts batches into its window, closes windows by count or
+/// age (checked at least once a second), and produces alerts keyed by `<workload>/<feature>`.
+/// Alerts are not tied to input offsets: one lost in a crash is re-raised by the next windows.
+fn spawn_drift_monitor(
+    mut monitor: DriftMonitor,
+    alerts_topic: String,
+    rx: std::sync::mpsc::Receiver<DriftInput>,
+    sink: Arc<KafkaSink>,
+    counters: Arc<Counters>,
+    workload: String,
+) -> Result<std::thread::JoinHandle<()>, PipelineError> {
+    let runtime = tokio::runtime::Handle::current();
+    let topic: Arc<str> = alerts_topic.as_str().into();
+    std::thread::Builder::new()
+        .name(format!("drift-{workload}"))
+        .spawn(move || loop {
+            let alerts = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(input) => monitor.observe(
+                    &input.values,
+                    input.width,
+                    &input.imputed,
+                    &input.scores,
+                    &input.event_times_ms,
+                    now_ms(),
+                ),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => monitor.tick(now_ms()),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            if alerts.is_empty() {
+                continue;
+            }
+            let mut records = Vec::with_capacity(alerts.len());
+            for alert in &alerts {
+                tracing::warn!(
+                    workload = %alert.workload,
+                    feature = %alert.feature,
+                    statistic = alert.statistic,
+                    status = ?alert.status,
+                    value = alert.value,
+                    p_value_corrected = ?alert.p_value_corrected,
+                    psi = ?alert.psi,
+                    window = alert.window.index,
+                    "drift alert"
+                );
+                match serde_json::to_vec(alert) {
+                    Ok(payload) => records.push(OutRecord {
+                        topic: Arc::clone(&topic),
+                        key: Some(format!("{}/{}", alert.workload, alert.feature).into_bytes()),
+                        payload,
+                        headers: Vec::new(),
+                    }),
+                    Err(e) => tracing::error!(error = %e, "encoding a drift alert"),
+                }
+            }
+            counters
+                .drift_alerts
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            let sink = Arc::clone(&sink);
+            let workload = workload.clone();
+            runtime.spawn(async move {
+                let delivered = match sink.send(&records).await {
+                    Ok(delivery) => delivery.await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = delivered {
+                    tracing::error!(workload = %workload, error = %e, "drift alerts not delivered");
+                }
+            });
+        })
+        .map_err(|e| PipelineError::Stopped(format!("spawning the drift thread: {e}")))
+}
+
 fn spawn_workload(
     config: &Config,
     workload: Arc<Workload>,
+    model_metadata: verdict_scorers::ModelMetadata,
     mut scorer: OnnxScorer,
     store: Arc<dyn FeatureStore>,
     sink: Arc<KafkaSink>,
@@ -370,6 +468,26 @@ fn spawn_workload(
             .map_err(|e| PipelineError::Stopped(format!("spawning the scorer thread: {e}")))?
     };
 
+    // The drift monitor runs on its own thread, fed by the sink task through a small bounded
+    // queue with `try_send`: when it falls behind, batches skip it (counted) rather than
+    // slowing decisions down.
+    let (drift_tx, drift) = match &wc.drift {
+        Some(drift_config) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<DriftInput>(DRIFT_QUEUE_BATCHES);
+            let monitor = DriftMonitor::new(&wc.name, &model_metadata, drift_config);
+            let handle = spawn_drift_monitor(
+                monitor,
+                drift_config.alerts_topic.clone(),
+                rx,
+                Arc::clone(&sink),
+                Arc::clone(&counters),
+                wc.name.clone(),
+            )?;
+            (Some(tx), Some(handle))
+        }
+        None => (None, None),
+    };
+
     // The sink task enqueues each batch's records as soon as it is decided; the acker awaits
     // the deliveries in batch order and acks each batch only after its own delivery, so
     // several batches wait on broker acknowledgements at once while offsets stay in order.
@@ -377,9 +495,19 @@ fn spawn_workload(
     let sink_task = {
         let workload = Arc::clone(&workload);
         let sink = Arc::clone(&sink);
+        let counters = Arc::clone(&counters);
         tokio::spawn(async move {
             while let Some(scored) = scored_rx.recv().await {
                 let decided = workload.decide(&scored)?;
+                if let Some(drift_tx) = &drift_tx {
+                    if let Some(input) = Workload::drift_input(&scored) {
+                        if drift_tx.try_send(input).is_err() {
+                            counters
+                                .drift_batches_skipped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 let enqueued_at = Instant::now();
                 let delivery = match sink.send(&decided.records).await {
                     Ok(delivery) => Some(delivery),
@@ -481,6 +609,7 @@ fn spawn_workload(
         score,
         sink: sink_task,
         acker,
+        drift,
     })
 }
 

@@ -88,6 +88,16 @@ pub struct Scored {
     pub score_time: Duration,
 }
 
+/// What the drift monitor needs from a scored batch (scorable rows only), copied so the
+/// batch itself can wait for its acknowledgement.
+pub struct DriftInput {
+    pub values: Vec<f32>,
+    pub width: usize,
+    pub imputed: Vec<Vec<u16>>,
+    pub scores: Vec<f32>,
+    pub event_times_ms: Vec<i64>,
+}
+
 /// Output of the decision step: what to produce, and counts for logs and summaries.
 #[derive(Default)]
 pub struct Decided {
@@ -329,6 +339,39 @@ impl Workload {
             scored,
             score_time: started.elapsed(),
         }
+    }
+
+    /// The scorable rows of a scored batch, for the drift monitor (`None` if the batch
+    /// failed or has none).
+    pub fn drift_input(scored: &Scored) -> Option<DriftInput> {
+        let (joined, matrix, scores) = scored.scored.as_ref().ok()?;
+        let times = joined
+            .column_by_name(EVENT_TIME_MS)
+            .map(|c| c.as_primitive::<Int64Type>().clone());
+        let width = matrix.features;
+        let rows: Vec<usize> = (0..matrix.rows)
+            .filter(|&r| matrix.unscorable[r].is_none())
+            .collect();
+        if rows.is_empty() {
+            return None;
+        }
+        let mut values = Vec::with_capacity(rows.len() * width);
+        for &r in &rows {
+            values.extend_from_slice(&matrix.values[r * width..(r + 1) * width]);
+        }
+        Some(DriftInput {
+            values,
+            width,
+            imputed: rows.iter().map(|&r| matrix.imputed[r].clone()).collect(),
+            scores: rows.iter().map(|&r| scores[r]).collect(),
+            event_times_ms: rows
+                .iter()
+                .map(|&r| match &times {
+                    Some(t) if !t.is_null(r) => t.value(r),
+                    _ => now_ms(),
+                })
+                .collect(),
+        })
     }
 
     /// Policy and encoding: one decision per scorable row, one dead letter per message that
