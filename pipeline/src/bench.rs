@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// like a card-testing attack (and every velocity read scan tens of events).
     #[arg(long, default_value_t = 200_000)]
     pub cards: usize,
+    /// Drift monitor: as the config says (default), `on`, `off`, or `compare` (the same load
+    /// twice in one run, monitor off then on, with the difference printed).
+    #[arg(long, value_enum)]
+    pub drift: Option<DriftMode>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -74,7 +78,65 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriftMode {
+    On,
+    Off,
+    Compare,
+}
+
+/// What one measured run gave, for the drift comparison.
+struct RunFigures {
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_decision: Option<f64>,
+    drift_alerts: u64,
+    drift_batches_skipped: u64,
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.drift {
+        Some(DriftMode::Compare) => {
+            let off = run_once(&args, Some(false), None).await?;
+            println!();
+            let on = run_once(&args, Some(true), args.out.as_deref()).await?;
+            println!();
+            println!("drift monitor off vs on (same load, same run)");
+            for (label, f) in [("off", &off), ("on", &on)] {
+                println!(
+                    "  {label:3}  {:.0} decisions/s  p50 {:.2} ms  p99 {:.2} ms  CPU {} µs/decision  alerts {}  batches skipped by the monitor {}",
+                    f.throughput,
+                    f.p50_ms,
+                    f.p99_ms,
+                    f.cpu_us_per_decision.map(|c| format!("{c:.1}")).unwrap_or_else(|| "?".into()),
+                    f.drift_alerts,
+                    f.drift_batches_skipped,
+                );
+            }
+            println!(
+                "  on/off  throughput {:.3}×  p99 {:.3}×",
+                on.throughput / off.throughput.max(1e-9),
+                on.p99_ms / off.p99_ms.max(1e-9)
+            );
+            Ok(())
+        }
+        Some(DriftMode::On) => run_once(&args, Some(true), args.out.as_deref())
+            .await
+            .map(|_| ()),
+        Some(DriftMode::Off) => run_once(&args, Some(false), args.out.as_deref())
+            .await
+            .map(|_| ()),
+        None => run_once(&args, None, args.out.as_deref()).await.map(|_| ()),
+    }
+}
+
+/// One measured run. `drift`: force the fraud workload's drift monitor on or off.
+async fn run_once(
+    args: &BenchArgs,
+    drift: Option<bool>,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<RunFigures> {
     let run_id = format!("bench{}", std::process::id());
     let (stack, world, brokers, pipeline, workload) = match &args.brokers {
         Some(brokers) => {
@@ -89,6 +151,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             if let Some(linger) = args.linger {
                 config.workloads[0].batch.linger = linger;
             }
+            match drift {
+                Some(false) => config.workloads[0].drift = None,
+                Some(true) if config.workloads[0].drift.is_none() => anyhow::bail!(
+                    "the config has no [workloads.drift] for `{}`",
+                    config.workloads[0].name
+                ),
+                _ => {}
+            }
             let brokers = stack.kafka_bootstrap.clone();
             let pipeline = Pipeline::start(&config).await?;
             let workload = config.workloads[0].clone();
@@ -99,8 +169,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|w| format!("max-rows {} linger {:?}", w.batch.max_rows, w.batch.linger))
         .unwrap_or_else(|| "external pipeline".into());
+    let drift_label = match (drift, &workload) {
+        (Some(false), _) => "drift monitor off",
+        (_, Some(w)) if w.drift.is_some() => "drift monitor on",
+        _ => "drift monitor off",
+    };
     println!(
-        "verdict bench: {} transactions after {} warm-up, offered rate {}, {batch}, load generator linger.ms {}",
+        "verdict bench: {} transactions after {} warm-up, offered rate {}, {batch}, {drift_label}, load generator linger.ms {}",
         args.count,
         args.warmup,
         args.rate
@@ -158,7 +233,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(rss) = peak_rss_mib() {
         println!("  peak RSS      {rss:.0} MiB (whole process)");
     }
-    if let Some(path) = &args.out {
+    if let Some(path) = out {
         let stage = |f: fn(&crate::topology::StageTimings) -> &hdrhistogram::Histogram<u64>| {
             reports.first().map(|r| {
                 let h = f(&r.timings);
@@ -196,5 +271,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.sent - report.decided,
         report.sent
     );
-    Ok(())
+    let fraud = reports.first();
+    Ok(RunFigures {
+        throughput: report.throughput(),
+        p50_ms: p50,
+        p99_ms: p99,
+        cpu_us_per_decision,
+        drift_alerts: fraud.map(|r| r.drift_alerts).unwrap_or(0),
+        drift_batches_skipped: fraud.map(|r| r.drift_batches_skipped).unwrap_or(0),
+    })
 }

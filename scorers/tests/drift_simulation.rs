@@ -227,3 +227,84 @@ fn a_quarter_sigma_mean_shift_and_a_category_mix_change_are_named_within_the_con
     );
     assert!(resolved.contains(&"is_online".to_string()), "{resolved:?}");
 }
+
+#[test]
+fn an_ongoing_drift_fires_once_then_reminds_at_the_interval_not_every_window() {
+    let meta = model();
+    let cfg = DriftConfig {
+        // Windows are a minute apart in this simulation: a reminder every third window.
+        reminder_interval: std::time::Duration::from_secs(180),
+        ..config(Correction::BenjaminiHochberg)
+    };
+    let shifted = meta
+        .features
+        .iter()
+        .position(|f| f.name == "merchant_risk_score")
+        .expect("feature");
+    let (_, sigma) = moments(&meta.features[shifted].reference);
+    let mut monitor = DriftMonitor::new("fraud", &meta, &cfg);
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut statuses = Vec::new();
+    for w in 0..10 {
+        for alert in window(&mut monitor, &meta, &mut rng, w, &|i, v, _| {
+            if i == shifted {
+                v + sigma
+            } else {
+                v
+            }
+        }) {
+            if alert.feature == "merchant_risk_score" {
+                statuses.push((w, alert.status));
+            }
+        }
+    }
+    // Fires on the 2nd window (index 1), then reminds every 3 windows while it lasts.
+    assert_eq!(
+        statuses,
+        vec![
+            (1, AlertStatus::Firing),
+            (4, AlertStatus::Reminder),
+            (7, AlertStatus::Reminder)
+        ]
+    );
+}
+
+#[test]
+fn missing_values_raise_a_data_quality_alert() {
+    let meta = model();
+    let cfg = config(Correction::BenjaminiHochberg);
+    let mut monitor = DriftMonitor::new("fraud", &meta, &cfg);
+    let mut rng = StdRng::seed_from_u64(3);
+    let width = meta.features.len();
+    let card_age = meta
+        .features
+        .iter()
+        .position(|f| f.name == "card_age_days")
+        .expect("feature") as u16;
+    let mut alerts = Vec::new();
+    for w in 0..2i64 {
+        let mut values = Vec::new();
+        let mut imputed = Vec::new();
+        let mut scores = Vec::new();
+        for row in 0..WINDOW {
+            for f in &meta.features {
+                values.push(draw(&f.reference, &mut rng) as f32);
+            }
+            // 30% of rows lost the card's age (above the 20% limit).
+            imputed.push(if row % 10 < 3 {
+                vec![card_age]
+            } else {
+                Vec::new()
+            });
+            scores.push(draw(&meta.output.reference, &mut rng) as f32);
+        }
+        let times = vec![w * 60_000; WINDOW];
+        alerts.extend(monitor.observe(&values, width, &imputed, &scores, &times, w * 60_000));
+    }
+    let quality: Vec<(&str, &str, f64)> = alerts
+        .iter()
+        .filter(|a| a.kind == "data-quality")
+        .map(|a| (a.feature.as_str(), a.statistic, a.value))
+        .collect();
+    assert_eq!(quality, vec![("card_age_days", "missing-rate", 0.3)]);
+}

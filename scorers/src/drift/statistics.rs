@@ -95,7 +95,7 @@ pub fn chi_square(observed: &[u64], expected_weights: &[f64]) -> Option<(f64, f6
     if observed.len() < 2
         || observed.len() != expected_weights.len()
         || n == 0.0
-        || expected_weights.iter().any(|w| !(*w > 0.0))
+        || expected_weights.iter().any(|w| w.is_nan() || *w <= 0.0)
     {
         return None;
     }
