@@ -9,6 +9,24 @@ export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 # rustup installs cargo under ~/.cargo/bin; make sure it is found even with a minimal PATH.
 if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 deploy/setup.sh
+
+# Tools the tests use to validate what verdict exports and the deployment files (no Docker
+# engine or cluster needed): promtool (Debian's prometheus package), node for the CRD and
+# Compose schemas, kubernetes-validate for the Kubernetes API schemas.
+tools=()
+command -v promtool >/dev/null 2>&1 || tools+=(prometheus)
+command -v node >/dev/null 2>&1 || tools+=(nodejs npm)
+if [ ${#tools[@]} -gt 0 ]; then
+  echo "test: installing ${tools[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # The prometheus package only provides promtool here; its service is not started.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r deploy/validate/requirements.txt
+(cd deploy/validate && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/verdict/target}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -152,4 +152,16 @@ impl FeatureStore for RedisFeatureStore {
         }
         Ok(answer)
     }
+
+    async fn ping(&self) -> Result<()> {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        match tokio::time::timeout(self.response_timeout, ping).await {
+            Ok(result) => result.map(|_| ()).map_err(FeatureError::from),
+            Err(_) => Err(FeatureError::StoreTimeout {
+                timeout_ms: self.response_timeout.as_millis(),
+            }),
+        }
+    }
 }

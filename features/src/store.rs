@@ -37,6 +37,11 @@ pub trait FeatureStore: Send + Sync {
         reads: &[HashRead<'_>],
         updates: &[VelocityUpdate],
     ) -> Result<StoreAnswer>;
+
+    /// A cheap reachability check for health endpoints; bounded by the store's own timeout.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Test double: hashes in a map. Counts round trips so tests can check batching.

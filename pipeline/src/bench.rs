@@ -55,6 +55,14 @@ pub struct BenchArgs {
     /// twice in one run, monitor off then on, with the difference printed).
     #[arg(long, value_enum)]
     pub drift: Option<DriftMode>,
+    /// Scale-out: run these numbers of separate `verdict run` processes in one consumer
+    /// group (e.g. `1,2,3`) and compare throughput and partition assignment.
+    #[arg(long, value_delimiter = ',')]
+    pub processes: Option<Vec<usize>>,
+    /// Partitions of the input and decisions topics with `--processes` (the most processes
+    /// that get work).
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -62,7 +70,12 @@ pub struct BenchArgs {
 
 /// CPU seconds (user + system) this process has used, from /proc.
 pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// CPU seconds (user + system) from a `/proc/<pid>/stat` file.
+pub fn cpu_seconds_of(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -96,6 +109,9 @@ struct RunFigures {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(counts) = &args.processes {
+        return crate::scale_out::run(&args, counts).await;
+    }
     match args.drift {
         Some(DriftMode::Compare) => {
             let off = run_once(&args, Some(false), None).await?;

@@ -14,8 +14,9 @@ use rdkafka::config::ClientConfig;
 use serde::Deserialize;
 use verdict_features::{EntityLookup, RedisConfig, VelocitySpec};
 use verdict_scorers::drift::DriftConfig;
-use verdict_scorers::{FraudThresholds, OnnxScorerConfig, PricingBounds};
+use verdict_scorers::{ExecutionProvider, FraudThresholds, OnnxScorerConfig, PricingBounds};
 
+use crate::http::HttpConfig;
 use crate::PipelineError;
 
 /// The whole configuration.
@@ -28,8 +29,49 @@ pub struct Config {
     /// in the project's `.venv`.
     #[serde(default)]
     pub onnxruntime_library: Option<PathBuf>,
+    /// The operations endpoint (`/metrics`, `/healthz`, `/readyz`); none when absent.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
     /// The workloads this process runs, each with its own consumer and stages.
     pub workloads: Vec<WorkloadConfig>,
+}
+
+/// `[log]`: logging of `verdict run` (the other commands log at info, as text).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directives, e.g. `"info"` or `"warn,verdict=debug"` (`debug` adds one
+    /// line per batch). `RUST_LOG`, when set, wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` for terminals, `json` (one object per line) for log collectors. The
+    /// `--log-format` flag, when given, wins.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "warn,verdict=info".into()
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[kafka]`: the cluster and client properties shared by every workload.
@@ -87,7 +129,9 @@ impl KafkaConfig {
             .set("fetch.wait.max.ms", "5")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("partition.assignment.strategy", "cooperative-sticky");
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            // Per-partition consumer lag for `verdict_consumer_lag_messages`.
+            .set("statistics.interval.ms", "5000");
         for (k, v) in self.properties.iter().chain(&self.consumer_properties) {
             config.set(k, v);
         }
@@ -173,17 +217,71 @@ pub enum PolicyConfig {
 }
 
 impl Config {
-    /// Parses a config file; relative paths inside it are resolved against its folder.
+    /// Parses a config file; relative paths inside it are resolved against its folder. Then
+    /// applies the environment overrides ([`ENV_OVERRIDES`]).
     pub fn load(path: &Path) -> Result<Self, PipelineError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| PipelineError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
+        let mut config = Self::parse(&text, base).map_err(|e| match e {
             PipelineError::Config(msg) => {
                 PipelineError::Config(format!("{}: {msg}", path.display()))
             }
             other => other,
-        })
+        })?;
+        config.apply_env(std::env::vars())?;
+        Ok(config)
+    }
+
+    /// Applies the [`ENV_OVERRIDES`] found in `vars`. Containers keep the config file in the
+    /// image and get addresses and secrets from their environment (a Secret for the Redis
+    /// URL), so one file serves a laptop, docker compose and Kubernetes.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), PipelineError> {
+        for (name, value) in vars {
+            match name.as_str() {
+                "VERDICT_KAFKA_BROKERS" => self.kafka.brokers = value,
+                "VERDICT_REDIS_URL" => self.redis.url = value,
+                "VERDICT_HTTP_LISTEN" => {
+                    let listen = value.parse().map_err(|e| {
+                        PipelineError::Config(format!("VERDICT_HTTP_LISTEN `{value}`: {e}"))
+                    })?;
+                    match &mut self.http {
+                        Some(http) => http.listen = listen,
+                        None => self.http = Some(HttpConfig::listening_on(listen)),
+                    }
+                }
+                "VERDICT_EXECUTION_PROVIDER" => {
+                    let provider = match value.as_str() {
+                        "cpu" => ExecutionProvider::Cpu,
+                        "cuda" => ExecutionProvider::Cuda,
+                        other => {
+                            return Err(PipelineError::Config(format!(
+                                "VERDICT_EXECUTION_PROVIDER `{other}`: expected cpu or cuda"
+                            )))
+                        }
+                    };
+                    for w in &mut self.workloads {
+                        w.scorer.execution_provider = provider;
+                    }
+                }
+                "VERDICT_LOG_FORMAT" => {
+                    self.log.format = match value.as_str() {
+                        "text" => LogFormat::Text,
+                        "json" => LogFormat::Json,
+                        other => {
+                            return Err(PipelineError::Config(format!(
+                                "VERDICT_LOG_FORMAT `{other}`: expected text or json"
+                            )))
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Parses config text; relative paths are resolved against `base`.
@@ -239,6 +337,18 @@ impl Config {
     }
 }
 
+/// Environment variables that override the config file, and what they set.
+pub const ENV_OVERRIDES: [(&str, &str); 5] = [
+    ("VERDICT_KAFKA_BROKERS", "kafka.brokers"),
+    ("VERDICT_REDIS_URL", "redis.url"),
+    ("VERDICT_HTTP_LISTEN", "http.listen"),
+    (
+        "VERDICT_EXECUTION_PROVIDER",
+        "workloads.*.scorer.execution-provider",
+    ),
+    ("VERDICT_LOG_FORMAT", "log.format"),
+];
+
 /// The example config shipped with the repository (`deploy/config/verdict.toml`), used by the
 /// demo and the benchmark with the broker and Redis addresses replaced.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/config/verdict.toml");
@@ -289,6 +399,33 @@ mod tests {
             "{printed}"
         );
         assert!(printed.contains("sasl.password"));
+    }
+
+    #[test]
+    fn environment_overrides_addresses_and_log_format() {
+        let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+        let vars = [
+            ("VERDICT_KAFKA_BROKERS", "kafka:9092"),
+            ("VERDICT_REDIS_URL", "redis://redis:6379"),
+            ("VERDICT_HTTP_LISTEN", "0.0.0.0:9464"),
+            ("VERDICT_LOG_FORMAT", "json"),
+            ("VERDICT_EXECUTION_PROVIDER", "cuda"),
+            ("UNRELATED", "x"),
+        ];
+        config
+            .apply_env(vars.map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap();
+        assert_eq!(config.kafka.brokers, "kafka:9092");
+        assert_eq!(config.redis.url, "redis://redis:6379");
+        assert_eq!(config.http.unwrap().listen.to_string(), "0.0.0.0:9464");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(config
+            .workloads
+            .iter()
+            .all(|w| w.scorer.execution_provider == ExecutionProvider::Cuda));
+        let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir()).unwrap();
+        let bad = [("VERDICT_HTTP_LISTEN".to_string(), "nowhere".to_string())];
+        assert!(config.apply_env(bad).is_err());
     }
 
     #[test]

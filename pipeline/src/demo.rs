@@ -47,8 +47,17 @@ pub async fn local_setup(
     cards: usize,
     merchants: usize,
 ) -> anyhow::Result<(LocalStack, World, Config)> {
+    local_setup_with_topics(cards, merchants, &EXAMPLE_TOPICS).await
+}
+
+/// [`local_setup`] with other partition counts (`topics` must name the example topics).
+pub async fn local_setup_with_topics(
+    cards: usize,
+    merchants: usize,
+    topics: &[(&str, i32)],
+) -> anyhow::Result<(LocalStack, World, Config)> {
     let stack = LocalStack::start()?;
-    stack.create_topics(&EXAMPLE_TOPICS).await?;
+    stack.create_topics(topics).await?;
     let world = World::generate(42, cards, merchants);
     world
         .load_into_redis(&stack.redis_url)
@@ -61,6 +70,10 @@ pub async fn local_setup(
     let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
     config.kafka.brokers = stack.kafka_bootstrap.clone();
     config.redis.url = stack.redis_url.clone();
+    // A free port: several pipelines (tests, a demo beside a running one) never collide.
+    if let Some(http) = &mut config.http {
+        http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    }
     Ok((stack, world, config))
 }
 
@@ -88,6 +101,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         world.merchants.len()
     );
     let pipeline = Pipeline::start(&config).await?;
+    if let Some(address) = pipeline.http_address() {
+        println!("  metrics http://{address}/metrics  readiness http://{address}/readyz");
+    }
     let workload = &config.workloads[0];
     println!(
         "  workload `{}`: {} → {} (dead letters → {}), model {}",

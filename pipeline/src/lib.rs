@@ -12,6 +12,8 @@
 //! - [`workload`]: one workload's per-batch work (enrich, score, decide);
 //! - [`dead_letter`]: dead-letter records;
 //! - [`topology`]: wiring, backpressure, acks, shutdown;
+//! - [`metrics`], [`health`], [`http`]: Prometheus metrics, readiness, and the endpoint
+//!   serving them;
 //! - [`generator`]: synthetic cards, merchants and transactions (demo, bench, tests);
 //! - [`local_stack`]: starts a Kafka-protocol broker (Tansu) and `redis-server` on free ports;
 //! - [`driver`]: produces transactions and measures decisions (demo, bench);
@@ -25,7 +27,13 @@ pub mod driver;
 pub mod feature_load;
 pub mod gen;
 pub mod generator;
+pub mod health;
+pub mod http;
 pub mod local_stack;
+pub mod metered_store;
+pub mod metrics;
+pub mod scale_out;
+pub mod scrape;
 pub mod source;
 pub mod topology;
 pub mod workload;

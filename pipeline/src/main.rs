@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
+use verdict::config::{LogConfig, LogFormat};
 use verdict::{bench, demo, feature_load, gen, Config, Pipeline};
 
 #[derive(Parser)]
@@ -15,17 +16,12 @@ use verdict::{bench, demo, feature_load, gen, Config, Pipeline};
     about = "Streaming real-time scoring: Kafka → Arrow → Redis + DataFusion → ONNX Runtime → Kafka"
 )]
 struct Cli {
-    /// Log format: `text` for terminals, `json` for log collectors.
-    #[arg(long, global = true, default_value = "text")]
-    log_format: LogFormat,
+    /// Log format: `text` for terminals, `json` for log collectors. Overrides the config's
+    /// `[log] format`.
+    #[arg(long, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -56,18 +52,18 @@ enum FeaturesCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // RUST_LOG wins; otherwise info for verdict, warnings for the rest.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,verdict=info"));
-    // Colours only on a terminal: log files and collectors get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    match cli.log_format {
-        LogFormat::Text => subscriber.init(),
-        LogFormat::Json => subscriber.json().init(),
-    }
+    // `run` reads its config before logging starts, so `[log]` applies from the first line.
+    let config = match &cli.command {
+        Command::Run { config } => Some(Config::load(config)?),
+        _ => None,
+    };
+    init_logging(
+        config
+            .as_ref()
+            .map(|c| &c.log)
+            .unwrap_or(&LogConfig::default()),
+        cli.log_format,
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -75,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { .. } => run(config.context("the config was not loaded")?).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Gen(command) => gen::run(command).await,
@@ -84,8 +80,26 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&path)?;
+/// `RUST_LOG` wins over `[log] level`; `--log-format` wins over `[log] format`.
+fn init_logging(log: &LogConfig, format_flag: Option<LogFormat>) -> anyhow::Result<()> {
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(_) => EnvFilter::try_new(&log.level)
+            .with_context(|| format!("[log] level `{}`", log.level))?,
+    };
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    match format_flag.unwrap_or(log.format) {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     // Listen before starting anything: a SIGTERM that arrives while models load and the
     // consumer joins must still mean "stop cleanly", not the default "die at once".
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;

@@ -27,6 +27,10 @@ use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
 use verdict_sinks::{Delivery, KafkaSink, OutRecord, Sink};
 
 use crate::config::{Config, KafkaConfig, WorkloadConfig};
+use crate::health::Health;
+use crate::http::HttpServer;
+use crate::metered_store::MeteredStore;
+use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::source::kafka::SourceSettings;
 use crate::source::{spawn_kafka_source, JsonBatchDecoder, SourceHandle, SourceStats};
 use crate::workload::{now_ms, Decided, DriftInput, Scored, Workload};
@@ -115,6 +119,19 @@ pub struct Pipeline {
     shutdown: Arc<AtomicBool>,
     workloads: Vec<RunningWorkload>,
     failed: Vec<WorkloadFailure>,
+    metrics: Arc<Metrics>,
+    /// Serves `/metrics`, `/healthz`, `/readyz` until the pipeline has drained.
+    http: Option<HttpServer>,
+    health_checks: JoinHandle<()>,
+}
+
+/// What the stages of every workload share.
+struct Shared {
+    store: Arc<dyn FeatureStore>,
+    sink: Arc<KafkaSink>,
+    shutdown: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 /// A workload that could not start.
@@ -128,9 +145,7 @@ pub struct WorkloadFailure {
 async fn start_workload(
     config: &Config,
     wc: &WorkloadConfig,
-    store: &Arc<dyn FeatureStore>,
-    sink: &Arc<KafkaSink>,
-    shutdown: &Arc<AtomicBool>,
+    shared: &Shared,
 ) -> Result<RunningWorkload, PipelineError> {
     let model = LoadedModel::load(&wc.model)?;
     let workload = Arc::new(Workload::build(wc, &model).await?);
@@ -153,15 +168,41 @@ async fn start_workload(
         execution_provider = ?scorer.execution_provider(),
         "workload ready"
     );
-    spawn_workload(
-        config,
-        workload,
-        model.metadata.clone(),
-        scorer,
-        Arc::clone(store),
-        Arc::clone(sink),
-        Arc::clone(shutdown),
-    )
+    shared.metrics.model_loaded(
+        &wc.name,
+        &model.metadata.name,
+        &model.metadata.version,
+        &model.metadata.sha256,
+        &format!("{:?}", scorer.execution_provider()),
+    );
+    spawn_workload(config, workload, model.metadata.clone(), scorer, shared)
+}
+
+/// Pings the feature store every `interval` for `/readyz` and `verdict_feature_store_up`,
+/// logging only the transitions.
+fn spawn_health_checks(
+    store: Arc<dyn FeatureStore>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    interval: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut was_up = None;
+        loop {
+            let result = store.ping().await.map_err(|e| e.to_string());
+            let up = result.is_ok();
+            if was_up != Some(up) {
+                match &result {
+                    Ok(()) => tracing::info!("feature store reachable"),
+                    Err(e) => tracing::warn!(error = %e, "feature store unreachable"),
+                }
+                was_up = Some(up);
+            }
+            metrics.feature_store_up(up);
+            health.feature_store_checked(result);
+            tokio::time::sleep(interval).await;
+        }
+    })
 }
 
 /// verdict does not create topics (partitions and retention are the operator's choice):
@@ -197,23 +238,58 @@ impl Pipeline {
     /// Loads every model, plans every SQL statement, connects, and starts every workload.
     /// Must be called inside a Tokio runtime.
     pub async fn start(config: &Config) -> Result<Self, PipelineError> {
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(Metrics::new()?);
+        let health = Arc::new(Health::new(
+            config
+                .http
+                .as_ref()
+                .is_none_or(|h| h.ready_while_feature_store_down),
+            Arc::clone(&shutdown),
+        ));
+        // Serve first: `/healthz` answers and `/readyz` says "starting" while models load.
+        let http = match &config.http {
+            Some(h) => Some(HttpServer::start(
+                h.listen,
+                Arc::clone(&metrics),
+                Arc::clone(&health),
+            )?),
+            None => None,
+        };
         runtime::environment(config.onnxruntime_library.as_deref())?;
         let store: Arc<dyn FeatureStore> = Arc::new(RedisFeatureStore::connect(&config.redis)?);
         let sink: Arc<KafkaSink> = Arc::new(
             KafkaSink::new(&config.kafka.producer())
                 .map_err(|e| PipelineError::Kafka(e.to_string()))?,
         );
-        let shutdown = Arc::new(AtomicBool::new(false));
+        let health_checks = spawn_health_checks(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+            config
+                .http
+                .as_ref()
+                .map_or(Duration::from_secs(2), |h| h.health_check_interval),
+        );
+        let shared = Shared {
+            store,
+            sink,
+            shutdown: Arc::clone(&shutdown),
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+        };
         let mut workloads = Vec::new();
         let mut failed = Vec::new();
         // Workloads are independent: one that cannot start (bad model file, missing topic,
         // SQL that does not fit its model) is reported and skipped, and the others run.
         for wc in &config.workloads {
-            let started = start_workload(config, wc, &store, &sink, &shutdown).await;
+            let started = start_workload(config, wc, &shared).await;
             match started {
                 Ok(running) => workloads.push(running),
                 Err(e) => {
                     tracing::error!(workload = %wc.name, error = %e, "workload not started");
+                    metrics.workload_failed(&wc.name);
+                    health.workload_failed(&wc.name, &e.to_string());
                     failed.push(WorkloadFailure {
                         name: wc.name.clone(),
                         error: e.to_string(),
@@ -221,7 +297,9 @@ impl Pipeline {
                 }
             }
         }
+        health.start_finished();
         if workloads.is_empty() {
+            health_checks.abort();
             let reasons: Vec<String> = failed
                 .iter()
                 .map(|f| format!("{}: {}", f.name, f.error))
@@ -235,7 +313,20 @@ impl Pipeline {
             shutdown,
             workloads,
             failed,
+            metrics,
+            http,
+            health_checks,
         })
+    }
+
+    /// The process's metrics (what `/metrics` serves).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when `[http]` is configured.
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(HttpServer::address)
     }
 
     /// Workloads of the config that could not start, with why.
@@ -257,6 +348,9 @@ impl Pipeline {
     pub async fn wait(self) -> Result<Vec<WorkloadReport>, PipelineError> {
         let mut reports = Vec::new();
         let mut first_error = None;
+        // The endpoint keeps serving (readiness says "draining") until every stage is done.
+        let _http = self.http;
+        let health_checks = self.health_checks;
         for w in self.workloads {
             let source = tokio::task::spawn_blocking(move || w.source.thread.join())
                 .await
@@ -314,6 +408,7 @@ impl Pipeline {
                 }
             }
         }
+        health_checks.abort();
         match first_error {
             Some(e) => Err(e),
             None => Ok(reports),
@@ -334,8 +429,11 @@ fn spawn_drift_monitor(
     sink: Arc<KafkaSink>,
     counters: Arc<Counters>,
     workload: String,
+    metrics: Arc<Metrics>,
+    workload_metrics: WorkloadMetrics,
 ) -> Result<std::thread::JoinHandle<()>, PipelineError> {
     let runtime = tokio::runtime::Handle::current();
+    let mut windows_seen = 0;
     let topic: Arc<str> = alerts_topic.as_str().into();
     std::thread::Builder::new()
         .name(format!("drift-{workload}"))
@@ -352,6 +450,26 @@ fn spawn_drift_monitor(
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => monitor.tick(now_ms()),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             };
+            if monitor.windows_closed() != windows_seen {
+                workload_metrics
+                    .drift_windows
+                    .inc_by(monitor.windows_closed() - windows_seen);
+                windows_seen = monitor.windows_closed();
+                metrics.drift_window(&workload, &monitor.last_window);
+            }
+            for alert in &alerts {
+                let status = serde_json::to_value(alert.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                workload_metrics.drift_alert(&status);
+                metrics.drift_alert_active(
+                    &workload,
+                    &alert.feature,
+                    alert.statistic,
+                    alert.status != verdict_schemas::alert::AlertStatus::Resolved,
+                );
+            }
             if alerts.is_empty() {
                 continue;
             }
@@ -383,12 +501,14 @@ fn spawn_drift_monitor(
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
             let sink = Arc::clone(&sink);
             let workload = workload.clone();
+            let workload_metrics = workload_metrics.clone();
             runtime.spawn(async move {
                 let delivered = match sink.send(&records).await {
                     Ok(delivery) => delivery.await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = delivered {
+                    workload_metrics.error(ErrorStage::DriftAlert);
                     tracing::error!(workload = %workload, error = %e, "drift alerts not delivered");
                 }
             });
@@ -401,11 +521,16 @@ fn spawn_workload(
     workload: Arc<Workload>,
     model_metadata: verdict_scorers::ModelMetadata,
     mut scorer: OnnxScorer,
-    store: Arc<dyn FeatureStore>,
-    sink: Arc<KafkaSink>,
-    shutdown: Arc<AtomicBool>,
+    shared: &Shared,
 ) -> Result<RunningWorkload, PipelineError> {
     let wc = &workload.config;
+    let metrics = shared.metrics.workload(&wc.name);
+    let store: Arc<dyn FeatureStore> = Arc::new(MeteredStore::new(
+        Arc::clone(&shared.store),
+        metrics.feature_store_seconds.clone(),
+    ));
+    let sink = Arc::clone(&shared.sink);
+    let shutdown = Arc::clone(&shared.shutdown);
     let capacity = wc.channel_capacity;
     let (input_tx, mut input_rx) = mpsc::channel(capacity);
     let (enriched_tx, mut enriched_rx) = mpsc::channel(capacity);
@@ -422,6 +547,9 @@ fn spawn_workload(
                 .consumer(&format!("{}.{}", config.kafka.group_id, wc.name)),
             max_rows: wc.batch.max_rows,
             linger: wc.batch.linger,
+            metrics: Arc::clone(&shared.metrics),
+            workload_metrics: metrics.clone(),
+            joined: shared.health.workload_started(&wc.name),
         },
         JsonBatchDecoder::new(workload.input_schema.clone(), wc.batch.max_rows)?,
         input_tx,
@@ -432,11 +560,13 @@ fn spawn_workload(
     let enrich = {
         let workload = Arc::clone(&workload);
         let counters = Arc::clone(&counters);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             while let Some(batch) = input_rx.recv().await {
                 let enriched = workload.enrich(store.as_ref(), batch).await;
                 if let Some(reason) = &enriched.degraded {
                     counters.degraded_batches.fetch_add(1, Ordering::Relaxed);
+                    metrics.error(ErrorStage::FeatureStore);
                     tracing::warn!(
                         workload = %workload.name,
                         rows = enriched.batch.decoded.batch.num_rows(),
@@ -482,6 +612,8 @@ fn spawn_workload(
                 Arc::clone(&sink),
                 Arc::clone(&counters),
                 wc.name.clone(),
+                Arc::clone(&shared.metrics),
+                metrics.clone(),
             )?;
             (Some(tx), Some(handle))
         }
@@ -496,12 +628,14 @@ fn spawn_workload(
         let workload = Arc::clone(&workload);
         let sink = Arc::clone(&sink);
         let counters = Arc::clone(&counters);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             while let Some(scored) = scored_rx.recv().await {
                 let decided = workload.decide(&scored)?;
                 if let Some(drift_tx) = &drift_tx {
                     if let Some(input) = Workload::drift_input(&scored) {
                         if drift_tx.try_send(input).is_err() {
+                            metrics.drift_batches_skipped.inc();
                             counters
                                 .drift_batches_skipped
                                 .fetch_add(1, Ordering::Relaxed);
@@ -512,6 +646,7 @@ fn spawn_workload(
                 let delivery = match sink.send(&decided.records).await {
                     Ok(delivery) => Some(delivery),
                     Err(e) => {
+                        metrics.error(ErrorStage::Produce);
                         tracing::warn!(workload = %workload.name, error = %e, "enqueue failed; the batch will be retried");
                         None
                     }
@@ -532,6 +667,8 @@ fn spawn_workload(
     let acker = {
         let workload = Arc::clone(&workload);
         let counters = Arc::clone(&counters);
+        let feature_names: Vec<String> = workload.feature_names().map(str::to_string).collect();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut timings = StageTimings::new();
             let mut outcomes = [0u64; 4];
@@ -547,6 +684,7 @@ fn spawn_workload(
                     None => Err(verdict_sinks::SinkError::Encode("not enqueued".into())),
                 };
                 if let Err(e) = delivered {
+                    metrics.error(ErrorStage::Produce);
                     tracing::warn!(workload = %workload.name, error = %e, "delivery failed; retrying the batch");
                     redeliver(sink.as_ref(), &decided.records, &workload.name, &shutdown).await?;
                 }
@@ -558,6 +696,7 @@ fn spawn_workload(
                         "source stopped before its acks".into(),
                     ));
                 }
+                record_batch_metrics(&metrics, &feature_names, &scored, &decided, produce_time);
                 let now = now_ms();
                 for ts in &decided.decided_timestamps_ms {
                     let _ = timings
@@ -645,6 +784,55 @@ async fn redeliver(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Everything the acker knows about a delivered batch, into the workload's metrics.
+fn record_batch_metrics(
+    metrics: &WorkloadMetrics,
+    feature_names: &[String],
+    scored: &Scored,
+    decided: &Decided,
+    produce_time: Duration,
+) {
+    let enriched = &scored.enriched;
+    metrics.in_flight.dec();
+    metrics.lookup.observe(enriched.lookup_time.as_secs_f64());
+    metrics.join.observe(enriched.join_time.as_secs_f64());
+    metrics.score.observe(scored.score_time.as_secs_f64());
+    metrics.produce.observe(produce_time.as_secs_f64());
+    for (counter, n) in metrics.decisions.iter().zip(decided.outcomes) {
+        counter.inc_by(n as u64);
+    }
+    if enriched.degraded.is_some() {
+        metrics.degraded_decisions.inc_by(decided.decisions as u64);
+    }
+    if matches!(&scored.scored, Err(_)) && !enriched.batch.decoded.message_index.is_empty() {
+        metrics.error(ErrorStage::Score);
+    }
+    for (stage, cause) in &decided.dead_letter_causes {
+        metrics.dead_letter(stage.as_str(), cause);
+    }
+    metrics
+        .imputed_decisions
+        .inc_by(decided.imputed_rows as u64);
+    for (name, &n) in feature_names.iter().zip(&decided.imputed_by_feature) {
+        if n > 0 {
+            metrics.imputed_feature(name, n);
+        }
+    }
+    metrics
+        .entities_not_found
+        .inc_by(enriched.lookup_stats.entities_missing as u64);
+    let now = now_ms();
+    for &t in &decided.decided_event_times_ms {
+        metrics
+            .from_event_time
+            .observe((now - t).max(0) as f64 / 1000.0);
+    }
+    let since_consume = enriched.batch.opened_at.elapsed().as_secs_f64();
+    for _ in 0..decided.decisions {
+        metrics.from_consume.observe(since_consume);
     }
 }
 

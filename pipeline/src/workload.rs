@@ -107,6 +107,14 @@ pub struct Decided {
     pub dead_letters: usize,
     /// Produce timestamps of decided rows (ms), for latency accounting.
     pub decided_timestamps_ms: Vec<i64>,
+    /// Event times of decided rows (ms), for latency accounting.
+    pub decided_event_times_ms: Vec<i64>,
+    /// Stage and cause of each dead letter, for metrics.
+    pub dead_letter_causes: Vec<(Stage, &'static str)>,
+    /// Decisions with at least one feature at the model's default.
+    pub imputed_rows: usize,
+    /// Per model feature (in model order): decisions where it took its default.
+    pub imputed_by_feature: Vec<u64>,
 }
 
 /// The feature half of a workload — input contract, lookups, velocity and the planned SQL —
@@ -312,6 +320,11 @@ impl Workload {
         }
     }
 
+    /// The model's feature names, in model order.
+    pub fn feature_names(&self) -> impl Iterator<Item = &str> {
+        self.feature_columns.iter().map(|c| c.name.as_str())
+    }
+
     /// Scoring stage (blocking: runs on the scorer's own thread).
     pub fn score(&self, scorer: &mut dyn Scorer, enriched: Enriched) -> Scored {
         let started = Instant::now();
@@ -380,6 +393,8 @@ impl Workload {
         let batch = &scored.enriched.batch;
         let mut out = Decided::default();
         for rejection in &batch.decoded.rejected {
+            out.dead_letter_causes
+                .push((Stage::Decode, rejection.cause.as_str()));
             out.records.push(dead_letter(
                 &batch.messages[rejection.index],
                 &self.dead_letter_topic,
@@ -393,6 +408,7 @@ impl Workload {
         match &scored.scored {
             Err(failure) => {
                 for &m in row_message {
+                    out.dead_letter_causes.push((failure.stage, failure.cause));
                     out.records.push(dead_letter(
                         &batch.messages[m],
                         &self.dead_letter_topic,
@@ -416,6 +432,8 @@ impl Workload {
                 let mut keep = Vec::with_capacity(joined.num_rows());
                 for (row, &message) in row_message.iter().enumerate() {
                     if let Some(feature) = matrix.unscorable[row] {
+                        out.dead_letter_causes
+                            .push((Stage::Score, "missing-feature"));
                         out.records.push(dead_letter(
                             &batch.messages[message],
                             &self.dead_letter_topic,
@@ -428,6 +446,8 @@ impl Workload {
                             ),
                         ));
                     } else if ids.is_null(row) {
+                        out.dead_letter_causes
+                            .push((Stage::Score, "missing-transaction-id"));
                         out.records.push(dead_letter(
                             &batch.messages[message],
                             &self.dead_letter_topic,
@@ -454,7 +474,17 @@ impl Workload {
                     None => None,
                 };
                 let width = self.feature_columns.len();
+                out.imputed_by_feature = vec![0; width];
                 for &row in &keep {
+                    if !matrix.imputed[row].is_empty() {
+                        out.imputed_rows += 1;
+                        for &f in &matrix.imputed[row] {
+                            out.imputed_by_feature[f as usize] += 1;
+                        }
+                    }
+                    if !times.is_null(row) {
+                        out.decided_event_times_ms.push(times.value(row));
+                    }
                     let values = &matrix.values[row * width..(row + 1) * width];
                     let outcome = match &self.policy {
                         Policy::Fraud { policy, references } => {
@@ -637,6 +667,7 @@ mod tests {
             decoded,
             messages,
             opened_at: Instant::now(),
+            decode_time: Duration::ZERO,
         }
     }
 

@@ -36,6 +36,10 @@ impl Harness {
         let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
         config.kafka.brokers = stack.kafka_bootstrap.clone();
         config.redis.url = stack.redis_url.clone();
+        // A free port: several pipelines (tests, a demo beside a running one) never collide.
+        if let Some(http) = &mut config.http {
+            http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        }
         // Redis and the broker share two cores with the test: a loaded machine must not
         // push lookups into degraded mode.
         config.redis.response_timeout = Duration::from_secs(2);
@@ -241,3 +245,6 @@ impl Drop for Collector {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Reading the operations endpoint, as a scraper does.
+pub use verdict::scrape;

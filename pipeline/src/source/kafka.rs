@@ -30,6 +30,7 @@ use tokio::sync::mpsc::Sender;
 use super::batcher::MicroBatcher;
 use super::decode::JsonBatchDecoder;
 use super::{InputBatch, RawMessage};
+use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::PipelineError;
 
 /// Longest a poll blocks when no batch is open (keeps shutdown and acks responsive).
@@ -62,9 +63,62 @@ struct SourceContext {
     workload: String,
     in_flight: Mutex<InFlight>,
     acks: Mutex<Receiver<u64>>,
+    metrics: Arc<Metrics>,
+    workload_metrics: WorkloadMetrics,
+    /// Set once the consumer has joined its group (readiness).
+    joined: Arc<AtomicBool>,
 }
 
-impl ClientContext for SourceContext {}
+/// The part of librdkafka's statistics JSON the lag metric needs.
+#[derive(serde::Deserialize)]
+struct Statistics {
+    #[serde(default)]
+    topics: HashMap<String, TopicStatistics>,
+}
+
+#[derive(serde::Deserialize)]
+struct TopicStatistics {
+    #[serde(default)]
+    partitions: HashMap<String, PartitionStatistics>,
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionStatistics {
+    #[serde(default)]
+    consumer_lag: i64,
+    #[serde(default)]
+    fetch_state: String,
+}
+
+impl ClientContext for SourceContext {
+    // Parsed here rather than by rdkafka's `Statistics`, which fails as a whole when a
+    // librdkafka release adds or changes any field the lag does not need.
+    fn stats_raw(&self, statistics: &[u8]) {
+        let statistics: Statistics = match serde_json::from_slice(statistics) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(workload = %self.workload, error = %e, "unreadable librdkafka statistics");
+                return;
+            }
+        };
+        let mut lags = Vec::new();
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; a negative lag is
+                // unknown (no committed offset or high watermark yet); fetch_state "none"
+                // means the partition is not ours.
+                let Ok(partition) = partition.parse::<i32>() else {
+                    continue;
+                };
+                if partition < 0 || p.consumer_lag < 0 || p.fetch_state == "none" {
+                    continue;
+                }
+                lags.push((topic.clone(), partition, p.consumer_lag));
+            }
+        }
+        self.metrics.set_consumer_lag(&self.workload, &lags);
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -84,7 +138,15 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Ok(assignment) = consumer.assignment() {
+            self.workload_metrics
+                .assigned_partitions
+                .set(assignment.count() as i64);
+        }
+        if !matches!(rebalance, Rebalance::Error(_)) {
+            self.joined.store(true, Ordering::Relaxed);
+        }
         match rebalance {
             Rebalance::Assign(partitions) => tracing::info!(
                 workload = %self.workload,
@@ -169,6 +231,9 @@ pub struct SourceSettings {
     pub consumer: ClientConfig,
     pub max_rows: usize,
     pub linger: Duration,
+    pub metrics: Arc<Metrics>,
+    pub workload_metrics: WorkloadMetrics,
+    pub joined: Arc<AtomicBool>,
 }
 
 /// Starts the consumer thread. Batches go to `batches`; the stages send each batch's `seq` to
@@ -185,7 +250,11 @@ pub fn spawn_kafka_source(
         workload: settings.workload.clone(),
         in_flight: Mutex::new(InFlight::default()),
         acks: Mutex::new(acks),
+        metrics: settings.metrics,
+        workload_metrics: settings.workload_metrics.clone(),
+        joined: settings.joined,
     };
+    let metrics = settings.workload_metrics;
     let consumer: BaseConsumer<SourceContext> = settings
         .consumer
         .create_with_context(context)
@@ -207,7 +276,13 @@ pub fn spawn_kafka_source(
                 let messages: Vec<RawMessage> = messages.into_iter().map(|(m, _)| m).collect();
                 let payloads: Vec<Option<&[u8]>> =
                     messages.iter().map(|m| m.payload.as_deref()).collect();
+                let decode_started = Instant::now();
                 let decoded = decoder.decode(&payloads)?;
+                let decode_time = decode_started.elapsed();
+                metrics.consumed.inc_by(messages.len() as u64);
+                metrics.batch_messages.observe(messages.len() as f64);
+                metrics.decode.observe(decode_time.as_secs_f64());
+                metrics.in_flight.inc();
                 let mut offsets: HashMap<(Arc<str>, i32), i64> = HashMap::new();
                 for m in &messages {
                     let slot = offsets
@@ -228,6 +303,7 @@ pub fn spawn_kafka_source(
                     decoded,
                     messages,
                     opened_at,
+                    decode_time,
                 };
                 seq += 1;
                 batches.blocking_send(batch).map_err(|_| {
@@ -276,11 +352,14 @@ pub fn spawn_kafka_source(
                     }
                     // Transient broker errors are retried by librdkafka; log, at most once a
                     // second, and keep polling.
-                    Some(Err(e)) if last_error_log.elapsed() > Duration::from_secs(1) => {
-                        tracing::warn!(workload = %settings.workload, error = %e, "consumer error");
-                        last_error_log = Instant::now();
+                    Some(Err(e)) => {
+                        metrics.error(ErrorStage::Consume);
+                        if last_error_log.elapsed() > Duration::from_secs(1) {
+                            tracing::warn!(workload = %settings.workload, error = %e, "consumer error");
+                            last_error_log = Instant::now();
+                        }
                     }
-                    Some(Err(_)) | None => {}
+                    None => {}
                 }
                 if let Some(expired) = batcher.poll_expired(Instant::now()) {
                     send(expired, &mut stats)?;

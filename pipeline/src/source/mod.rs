@@ -39,4 +39,6 @@ pub struct InputBatch {
     pub messages: Vec<RawMessage>,
     /// When its first message was consumed.
     pub opened_at: Instant,
+    /// Time spent turning its JSON into Arrow.
+    pub decode_time: std::time::Duration,
 }

@@ -8,5 +8,5 @@
 pub mod monitor;
 pub mod statistics;
 
-pub use monitor::{DriftConfig, DriftMonitor};
+pub use monitor::{DriftConfig, DriftMonitor, TestOutcome};
 pub use statistics::Correction;

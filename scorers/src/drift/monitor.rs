@@ -215,6 +215,8 @@ pub struct TestOutcome {
     pub value: f64,
     pub p_value: Option<f64>,
     pub p_value_corrected: Option<f64>,
+    /// Population stability index of the window (drift tests only).
+    pub psi: Option<f64>,
     pub holds: bool,
 }
 
@@ -261,6 +263,11 @@ impl DriftMonitor {
             episodes: HashMap::new(),
             last_window: Vec::new(),
         }
+    }
+
+    /// Windows closed so far.
+    pub fn windows_closed(&self) -> u64 {
+        self.window_index
     }
 
     /// Counts a scored batch: `values` row-major with `width` features, `imputed[row]` the
@@ -418,6 +425,7 @@ impl DriftMonitor {
             statistic: draft.statistic,
             value: draft.value,
             p_value: draft.p_value,
+            psi: draft.psi,
             p_value_corrected: draft.p_value_corrected,
             holds,
         }
