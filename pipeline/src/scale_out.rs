@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -42,6 +42,7 @@ impl Member {
         // A free port, released just before the child binds it.
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let log = std::fs::File::create(log)?;
+        let stdout = log.try_clone()?;
         let child = Command::new(exe)
             .args(["run", "--config"])
             .arg(config)
@@ -49,7 +50,7 @@ impl Member {
             .env("VERDICT_REDIS_URL", redis)
             .env("VERDICT_HTTP_LISTEN", metrics.to_string())
             .env("RUST_LOG", "warn,verdict=info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .context("starting `verdict run`")?;
@@ -91,6 +92,17 @@ impl Member {
     }
 }
 
+impl Drop for Member {
+    // A run that fails half-way must not leave `verdict run` processes behind: they would
+    // keep consuming (and reconnect to a later broker that happens to reuse the port).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// What one process count gave.
 struct Row {
     processes: usize,
@@ -124,7 +136,6 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let (stack, world, _) = local_setup_with_topics(args.cards, 2_000, &topics).await?;
     let exe = std::env::current_exe()?;
     let config = crate::config::example_config_dir().join("verdict.toml");
     let logs = tempfile::tempdir()?;
@@ -135,9 +146,13 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
         args.partitions,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    let mut world = Some(world);
     let mut rows = Vec::new();
     for &n in counts {
+        // A fresh broker and Redis per process count. Reusing one group across counts hung
+        // on Tansu: after the previous members stopped, new members sometimes never
+        // completed their join (seen for the 3-member group in 4 of 7 runs; see the note of
+        // issue 6). A fresh stack also keeps each measurement independent of the last.
+        let (stack, w, _) = local_setup_with_topics(args.cards, 2_000, &topics).await?;
         anyhow::ensure!(n >= 1, "--processes: counts start at 1");
         let mut members = Vec::new();
         for i in 0..n {
@@ -169,6 +184,14 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
                     }
                 }
                 if Instant::now() > deadline {
+                    let readiness: Vec<String> = members
+                        .iter()
+                        .map(|m| match get(m.metrics, "/readyz") {
+                            Ok((status, body)) => format!("{status}: {body}"),
+                            Err(e) => e.to_string(),
+                        })
+                        .collect();
+                    eprintln!("readiness:\n{}", readiness.join("\n"));
                     let logs: Vec<String> = (0..n)
                         .map(|i| {
                             std::fs::read_to_string(
@@ -204,7 +227,6 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
             run_id: format!("{}w", spec.run_id),
             ..spec.clone()
         };
-        let w = world.take().context("world")?;
         let fraud = [("workload", "fraud")];
         let (report, cpu, decided_before) =
             tokio::task::block_in_place(|| -> anyhow::Result<_> {
@@ -230,7 +252,6 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
                     .sum();
                 Ok((report, cpu, decided_before))
             })?;
-        world = Some(w);
         let decisions: Vec<u64> = tokio::task::block_in_place(|| {
             members
                 .iter()
@@ -244,6 +265,8 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
         for m in members {
             tokio::task::block_in_place(|| m.stop())?;
         }
+        // The members have drained and committed; now the broker and Redis can go.
+        drop(stack);
         let [p50, p99, _, _] = percentiles_ms(&report.latency_us);
         anyhow::ensure!(
             report.decided == report.sent,
@@ -297,6 +320,5 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("  results written to {}", path.display());
     }
-    drop(stack);
     Ok(())
 }

@@ -426,13 +426,14 @@ fn spawn_drift_monitor(
     mut monitor: DriftMonitor,
     alerts_topic: String,
     rx: std::sync::mpsc::Receiver<DriftInput>,
-    sink: Arc<KafkaSink>,
+    shared: &Shared,
     counters: Arc<Counters>,
     workload: String,
-    metrics: Arc<Metrics>,
     workload_metrics: WorkloadMetrics,
 ) -> Result<std::thread::JoinHandle<()>, PipelineError> {
     let runtime = tokio::runtime::Handle::current();
+    let sink = Arc::clone(&shared.sink);
+    let metrics = Arc::clone(&shared.metrics);
     let mut windows_seen = 0;
     let topic: Arc<str> = alerts_topic.as_str().into();
     std::thread::Builder::new()
@@ -609,10 +610,9 @@ fn spawn_workload(
                 monitor,
                 drift_config.alerts_topic.clone(),
                 rx,
-                Arc::clone(&sink),
+                shared,
                 Arc::clone(&counters),
                 wc.name.clone(),
-                Arc::clone(&shared.metrics),
                 metrics.clone(),
             )?;
             (Some(tx), Some(handle))
@@ -807,7 +807,7 @@ fn record_batch_metrics(
     if enriched.degraded.is_some() {
         metrics.degraded_decisions.inc_by(decided.decisions as u64);
     }
-    if matches!(&scored.scored, Err(_)) && !enriched.batch.decoded.message_index.is_empty() {
+    if scored.scored.is_err() && !enriched.batch.decoded.message_index.is_empty() {
         metrics.error(ErrorStage::Score);
     }
     for (stage, cause) in &decided.dead_letter_causes {
