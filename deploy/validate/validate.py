@@ -30,7 +30,40 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 K8S_VERSION = "1.33.0"
-CRD_KINDS = {"ScaledObject", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
+PROMETHEUS_RULE_HEADER = """\
+# Generated from deploy/prometheus/alerts.yml (the one source of the alert rules) by
+#   .venv/bin/python deploy/validate/validate.py --write-prometheusrule
+# for the Prometheus Operator. The test suite fails when the two differ.
+"""
+
+
+def prometheus_rule(deploy: Path) -> dict:
+    """The alert rules wrapped as a Prometheus Operator PrometheusRule."""
+    rules = yaml.safe_load((deploy / "prometheus" / "alerts.yml").read_text())
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "verdict", "labels": {"app.kubernetes.io/name": "verdict"}},
+        "spec": {"groups": rules["groups"]},
+    }
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the PromQL) as `|` blocks, as in alerts.yml."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None
+    ),
+)
+
+
+def write_prometheus_rule(deploy: Path) -> None:
+    text = yaml.dump(prometheus_rule(deploy), Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=120)
+    (deploy / "k8s" / "prometheusrule.yaml").write_text(PROMETHEUS_RULE_HEADER + text)
 
 errors: list[str] = []
 
@@ -93,6 +126,8 @@ def validate_consistency(deploy: Path, manifests: dict[str, dict]) -> None:
         f"ScaledObject maxReplicaCount {scaled['maxReplicaCount']} <= input partitions {fewest}",
     )
     check(scaled["scaleTargetRef"]["name"] == manifests["Deployment"]["metadata"]["name"], "ScaledObject targets the Deployment")
+    rule = {k: v for k, v in manifests["PrometheusRule"].items() if k != "__file__"}
+    check(rule == prometheus_rule(deploy), "k8s/prometheusrule.yaml holds exactly prometheus/alerts.yml's rules")
 
     pod = manifests["Deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -151,7 +186,11 @@ def validate_dashboard(deploy: Path) -> None:
 
 
 def main() -> int:
-    deploy = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else HERE.parent
+    args = sys.argv[1:]
+    if args[:1] == ["--write-prometheusrule"]:
+        write_prometheus_rule(HERE.parent)
+        return 0
+    deploy = Path(args[0]).resolve() if args else HERE.parent
     manifests = load_manifests(deploy / "k8s")
     validate_schemas(manifests)
     validate_consistency(deploy, manifests)
