@@ -83,7 +83,10 @@ fn manifests_compose_and_dashboard_validate() {
     assert!(out.contains("ScaledObject/verdict"), "{out}");
     assert!(out.contains("ServiceMonitor/verdict"), "{out}");
     assert!(out.contains("PrometheusRule/verdict"), "{out}");
-    assert!(out.contains("holds exactly prometheus/alerts.yml's rules"), "{out}");
+    assert!(
+        out.contains("holds exactly prometheus/alerts.yml's rules"),
+        "{out}"
+    );
     assert!(out.contains("compose spec"), "{out}");
 }
 
@@ -93,7 +96,14 @@ fn validate_broken(file: &str, from: &str, to: &str) -> String {
     let deploy = copy.path().join("deploy");
     std::fs::create_dir(&deploy).unwrap();
     // What the validator reads (not validate/ itself, whose node_modules is large).
-    for folder in ["k8s", "compose", "config", "docker", "grafana", "prometheus"] {
+    for folder in [
+        "k8s",
+        "compose",
+        "config",
+        "docker",
+        "grafana",
+        "prometheus",
+    ] {
         let status = Command::new("cp")
             .args(["-r", &format!("deploy/{folder}"), &deploy.to_string_lossy()])
             .current_dir(repo())
