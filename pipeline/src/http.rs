@@ -187,9 +187,15 @@ mod tests {
         );
         assert_eq!(get(address, "/nope").0, 404);
         drop(server);
-        assert!(
-            std::net::TcpStream::connect(address).is_err(),
-            "stopped on drop"
-        );
+        // tiny_http's accept thread closes the listener on its own schedule after `unblock`:
+        // give it a moment, then the port must refuse connections.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::net::TcpStream::connect(address).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still listening after drop"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }

@@ -71,7 +71,14 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => run(config.context("the config was not loaded")?).await,
+            Command::Run { .. } => {
+                let result = run(config.context("the config was not loaded")?).await;
+                // Also as a log event, so a collector reading JSON logs sees why it stopped.
+                if let Err(e) = &result {
+                    tracing::error!(error = format!("{e:#}"), "verdict run failed");
+                }
+                result
+            }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Gen(command) => gen::run(command).await,
