@@ -37,6 +37,34 @@ fn wait_for_scrape(
     }
 }
 
+/// `promtool check metrics` on a scrape body.
+fn promtool_check(text: &str) -> anyhow::Result<()> {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "promtool (Debian package prometheus, installed by deploy/test.sh): {e}"
+            )
+        })?;
+    promtool
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    anyhow::ensure!(
+        checked.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_add_up_to_the_traffic_and_pass_promtool() -> anyhow::Result<()> {
     // More than the fraud drift window (2,000 rows), so drift statistics are exported too.
@@ -76,9 +104,31 @@ async fn metrics_add_up_to_the_traffic_and_pass_promtool() -> anyhow::Result<()>
     }
     let topic = harness.input_topic().to_string();
     let producer_brokers = brokers.clone();
-    tokio::task::spawn_blocking(move || produce(&producer_brokers, &topic, &messages, None))
-        .await??;
     let sent = (GOOD + bad.len()) as f64;
+    // Paced, so scrapes land while messages are still being consumed and decided.
+    let producer = tokio::task::spawn_blocking(move || {
+        produce(&producer_brokers, &topic, &messages, Some(2_000.0))
+    });
+    let mid_flow = tokio::task::block_in_place(|| -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, body) = get(address, "/metrics")?;
+            let consumed = sum(
+                &samples(&body),
+                "verdict_messages_consumed_total",
+                &[("workload", "fraud")],
+            );
+            if consumed > 0.0 && consumed < sent {
+                return Ok(body);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no scrape caught traffic flowing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })?;
+    producer.await??;
 
     let text = tokio::task::block_in_place(|| -> anyhow::Result<String> {
         decisions.wait_until(Duration::from_secs(120), "every decision", |c| {
@@ -108,30 +158,22 @@ async fn metrics_add_up_to_the_traffic_and_pass_promtool() -> anyhow::Result<()>
     pipeline.wait().await?;
     decisions.stop()?;
 
-    // The format, as Prometheus's own checker sees it.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "promtool (Debian package prometheus, installed by deploy/test.sh): {e}"
-            )
-        })?;
-    promtool
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(text.as_bytes())?;
-    let checked = promtool.wait_with_output()?;
-    assert!(
-        checked.status.success(),
-        "promtool check metrics:\n{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    // The format, as Prometheus's own checker sees it: mid-flow and after.
+    promtool_check(&mid_flow)?;
+    promtool_check(&text)?;
+    // Counters only grow.
+    let (before, after) = (samples(&mid_flow), samples(&text));
+    for name in [
+        "verdict_messages_consumed_total",
+        "verdict_decisions_total",
+        "verdict_batch_messages_count",
+    ] {
+        let fraud = [("workload", "fraud")];
+        assert!(
+            sum(&before, name, &fraud) <= sum(&after, name, &fraud),
+            "{name}"
+        );
+    }
 
     // The counters add up to the traffic.
     let s = samples(&text);
