@@ -20,7 +20,7 @@ pub use join::SqlJoin;
 pub use lookup::{EntityLookup, FeatureField, FeatureType, LookupStats, Lookups};
 pub use redis_store::{RedisConfig, RedisFeatureStore};
 pub use store::{FeatureStore, HashRead, InMemoryFeatureStore, StoreAnswer};
-pub use tensor::{FeatureColumn, FeatureMatrix};
+pub use tensor::{FeatureColumn, FeatureMatrix, Unscorable};
 pub use velocity::{InMemoryVelocity, VelocitySpec};
 
 /// Errors of the feature stage. The topology decides what to do with each (retry, degrade,

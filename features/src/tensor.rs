@@ -1,10 +1,12 @@
 //! The model's input: a dense row-major `f32` matrix `[rows, features]` built from the SQL
 //! output's columns in the model's feature order.
 //!
-//! Imputation is explicit: a null (or non-finite) value takes the feature's documented default
-//! from the model's metadata, and every imputed cell is reported per row, so the decision can
-//! say which features were missing. A feature with no default cannot be imputed: such a row is
-//! reported as unscorable instead of being fed garbage.
+//! Imputation is explicit: a null value takes the feature's documented default from the
+//! model's metadata, and every imputed cell is reported per row, so the decision can say which
+//! features were missing. A null feature with no default cannot be imputed, and a NaN or
+//! infinite value (a division by a zero average, a corrupt `nan` in Redis) is not missing but
+//! wrong: either row is reported as unscorable, with the feature and why, instead of being fed
+//! garbage or silently papered over.
 
 use arrow::array::{Array, Float32Array};
 use arrow::compute::cast;
@@ -30,8 +32,17 @@ pub struct FeatureMatrix {
     pub features: usize,
     /// Per row, the indices (into the feature list) of the features that were imputed.
     pub imputed: Vec<Vec<u16>>,
-    /// Per row, the first feature that was missing with no default (the row is unscorable).
-    pub unscorable: Vec<Option<u16>>,
+    /// Per row, the first feature that makes it unscorable, and why.
+    pub unscorable: Vec<Option<Unscorable>>,
+}
+
+/// Why a row cannot be scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unscorable {
+    /// Index into the feature list.
+    pub feature: u16,
+    /// `true`: the value is NaN or infinite; `false`: null, and the model has no default.
+    pub non_finite: bool,
 }
 
 impl FeatureMatrix {
@@ -61,20 +72,32 @@ impl FeatureMatrix {
                 .downcast_ref::<Float32Array>()
                 .ok_or_else(|| FeatureError::Output(format!("cast of `{}` failed", spec.name)))?;
             for row in 0..rows {
-                let value = (!as_f32.is_null(row))
-                    .then(|| as_f32.value(row))
-                    .filter(|v| v.is_finite());
-                values[row * features + f] = match (value, spec.default) {
-                    (Some(v), _) => v,
-                    (None, Some(default)) => {
-                        imputed[row].push(f as u16);
-                        default
+                let slot = &mut values[row * features + f];
+                if as_f32.is_null(row) {
+                    match spec.default {
+                        Some(default) => {
+                            imputed[row].push(f as u16);
+                            *slot = default;
+                        }
+                        None => {
+                            unscorable[row].get_or_insert(Unscorable {
+                                feature: f as u16,
+                                non_finite: false,
+                            });
+                            *slot = f32::NAN;
+                        }
                     }
-                    (None, None) => {
-                        unscorable[row].get_or_insert(f as u16);
-                        f32::NAN
+                } else {
+                    // Casting a finite f64 beyond f32's range also lands here, as infinity.
+                    let v = as_f32.value(row);
+                    if !v.is_finite() {
+                        unscorable[row].get_or_insert(Unscorable {
+                            feature: f as u16,
+                            non_finite: true,
+                        });
                     }
-                };
+                    *slot = v;
+                }
             }
         }
         Ok(Self {
@@ -142,17 +165,35 @@ mod tests {
         assert_eq!((m.rows, m.features), (3, 3));
         assert_eq!(m.row(0), &[7.0, 1.5, 1.0]);
         assert_eq!(m.row(1), &[8.0, 9.0, 0.0]);
-        // Infinity is not a value a model was trained on: imputed like a null.
-        assert_eq!(m.row(2), &[-1.0, 9.0, 0.0]);
-        assert_eq!(m.imputed, vec![vec![], vec![1], vec![0, 1, 2]]);
-        assert!(m.unscorable.iter().all(Option::is_none));
+        assert_eq!(m.row(2)[0], -1.0);
+        assert_eq!(m.imputed, vec![vec![], vec![1], vec![0, 2]]);
+        // Infinity is not missing but wrong: the row is not scored with it, nor with a default.
+        assert_eq!(
+            m.unscorable,
+            vec![
+                None,
+                None,
+                Some(Unscorable {
+                    feature: 1,
+                    non_finite: true
+                })
+            ]
+        );
     }
 
     #[test]
     fn missing_value_without_default_marks_the_row_unscorable() {
         let m =
             FeatureMatrix::from_batch(&batch(), &[col("a", None), col("b", Some(0.0))]).unwrap();
-        assert_eq!(m.unscorable, vec![None, Some(0), Some(0)]);
+        let missing = Some(Unscorable {
+            feature: 0,
+            non_finite: false,
+        });
+        let infinite = Some(Unscorable {
+            feature: 0,
+            non_finite: true,
+        });
+        assert_eq!(m.unscorable, vec![None, missing, infinite]);
     }
 
     #[test]

@@ -186,9 +186,17 @@ pub struct WorkloadConfig {
     /// Put the model's input values in each decision (`features`), for audits and replays.
     #[serde(default)]
     pub include_features: bool,
+    /// Largest message value accepted, in bytes; a larger one is dead-lettered as
+    /// `oversized` without being parsed. Default 65536.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Batches in flight between stages (per channel). Small: backpressure, not buffering.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    crate::source::DEFAULT_MAX_MESSAGE_BYTES
 }
 
 fn default_channel_capacity() -> usize {

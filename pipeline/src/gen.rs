@@ -23,7 +23,7 @@ use verdict_features::InMemoryFeatureStore;
 
 use crate::config::Config;
 use crate::generator::{load_hashes_into_memory, Kind, Synthetic};
-use crate::source::JsonBatchDecoder;
+use crate::source::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::workload::{now_ms, FeatureStage};
 
 #[derive(Subcommand)]
@@ -191,7 +191,7 @@ async fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
     const BATCH: usize = 512;
     let start_ms: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
     let step_ms = 1000.0 / args.events_per_second;
-    let mut decoder = JsonBatchDecoder::new(stage.input_schema.clone(), BATCH)?;
+    let mut decoder = stage.decoder(BATCH, DEFAULT_MAX_MESSAGE_BYTES)?;
     let mut written = 0usize;
     let mut header_done = false;
     while written < args.count {

@@ -32,7 +32,7 @@ use crate::http::HttpServer;
 use crate::metered_store::MeteredStore;
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::source::kafka::SourceSettings;
-use crate::source::{spawn_kafka_source, JsonBatchDecoder, SourceHandle, SourceStats};
+use crate::source::{spawn_kafka_source, SourceHandle, SourceStats};
 use crate::workload::{now_ms, Decided, DriftInput, Scored, Workload};
 use crate::PipelineError;
 
@@ -552,7 +552,7 @@ fn spawn_workload(
             workload_metrics: metrics.clone(),
             joined: shared.health.workload_started(&wc.name),
         },
-        JsonBatchDecoder::new(workload.input_schema.clone(), wc.batch.max_rows)?,
+        workload.decoder()?,
         input_tx,
         ack_rx,
         Arc::clone(&shutdown),

@@ -14,7 +14,8 @@ use arrow::record_batch::RecordBatch;
 use verdict_features::lookup::{LookupStats, Lookups};
 use verdict_features::{FeatureColumn, FeatureMatrix, FeatureStore, SqlJoin};
 use verdict_schemas::{
-    arrow_schema_from_json_schema, builtin_input_schema, decision_arrow_schema, Outcome,
+    arrow_schema_from_json_schema, builtin_input_schema, decision_arrow_schema, InputConstraints,
+    Outcome,
 };
 use verdict_scorers::{FraudPolicy, LoadedModel, PricingPolicy, Reference, Scorer};
 use verdict_sinks::{DecisionEncoder, OutRecord};
@@ -122,6 +123,8 @@ pub struct Decided {
 /// features the same way.
 pub struct FeatureStage {
     pub input_schema: SchemaRef,
+    /// The contract's value rules, enforced by the decoder.
+    pub input_constraints: InputConstraints,
     pub lookups: Lookups,
     pub join: SqlJoin,
 }
@@ -140,6 +143,9 @@ impl FeatureStage {
         };
         let input_schema = arrow_schema_from_json_schema(&config.input_schema, &schema_text)
             .map_err(|e| cfg_err(e.to_string()))?;
+        let input_constraints =
+            InputConstraints::from_json_schema(&config.input_schema, &schema_text)
+                .map_err(|e| cfg_err(e.to_string()))?;
         // The SQL sees the decoded batch: input columns + row_id.
         let decoded_schema = crate::source::JsonBatchDecoder::new(input_schema.clone(), 1)?
             .schema()
@@ -151,9 +157,23 @@ impl FeatureStage {
             .map_err(|e| cfg_err(format!("sql: {e}")))?;
         Ok(Self {
             input_schema,
+            input_constraints,
             lookups,
             join,
         })
+    }
+
+    /// A decoder for this contract: types, value rules and the message size bound.
+    pub fn decoder(
+        &self,
+        max_rows: usize,
+        max_message_bytes: usize,
+    ) -> Result<crate::source::JsonBatchDecoder, PipelineError> {
+        Ok(
+            crate::source::JsonBatchDecoder::new(self.input_schema.clone(), max_rows)?
+                .with_constraints(self.input_constraints.clone())
+                .with_max_message_bytes(max_message_bytes),
+        )
     }
 
     /// Lookups and velocity (one store round trip), then the SQL.
@@ -320,6 +340,12 @@ impl Workload {
         }
     }
 
+    /// The decoder the source uses for this workload's input.
+    pub fn decoder(&self) -> Result<crate::source::JsonBatchDecoder, PipelineError> {
+        self.features
+            .decoder(self.config.batch.max_rows, self.config.max_message_bytes)
+    }
+
     /// The model's feature names, in model order.
     pub fn feature_names(&self) -> impl Iterator<Item = &str> {
         self.feature_columns.iter().map(|c| c.name.as_str())
@@ -431,19 +457,29 @@ impl Workload {
                     .ok_or_else(|| PipelineError::Decode("no event_time_ms".into()))?;
                 let mut keep = Vec::with_capacity(joined.num_rows());
                 for (row, &message) in row_message.iter().enumerate() {
-                    if let Some(feature) = matrix.unscorable[row] {
-                        out.dead_letter_causes
-                            .push((Stage::Score, "missing-feature"));
+                    if let Some(why) = matrix.unscorable[row] {
+                        let name = &self.feature_columns[why.feature as usize].name;
+                        let (cause, detail) = if why.non_finite {
+                            (
+                                "non-finite-feature",
+                                format!("feature `{name}` is NaN or infinite"),
+                            )
+                        } else {
+                            (
+                                "missing-feature",
+                                format!(
+                                    "feature `{name}` is missing and the model has no default for it"
+                                ),
+                            )
+                        };
+                        out.dead_letter_causes.push((Stage::Score, cause));
                         out.records.push(dead_letter(
                             &batch.messages[message],
                             &self.dead_letter_topic,
                             &self.name,
                             Stage::Score,
-                            "missing-feature",
-                            &format!(
-                                "feature `{}` is missing and the model has no default for it",
-                                self.feature_columns[feature as usize].name
-                            ),
+                            cause,
+                            &detail,
                         ));
                     } else if ids.is_null(row) {
                         out.dead_letter_causes
@@ -659,7 +695,7 @@ mod tests {
     }
 
     fn batch(workload: &Workload, messages: Vec<RawMessage>) -> InputBatch {
-        let mut decoder = JsonBatchDecoder::new(workload.input_schema.clone(), 16).unwrap();
+        let mut decoder = workload.decoder().unwrap();
         let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.as_deref()).collect();
         let decoded = decoder.decode(&payloads).unwrap();
         InputBatch {

@@ -8,16 +8,19 @@
 //! - [`input`]: input JSON Schema → Arrow schema (the decoder's target), built-in input schemas;
 //! - [`decision`]: the decision message produced for every transaction;
 //! - [`alert`]: the drift alert produced to a workload's alerts topic;
+//! - [`constraints`]: value rules of an input contract (ranges, enums, lengths), checked per row;
 //! - [`dead_letter`]: the header names a dead letter carries;
 //! - [`columns`]: column names shared by the pipeline stages.
 
 pub mod alert;
 pub mod columns;
+pub mod constraints;
 pub mod dead_letter;
 pub mod decision;
 pub mod input;
 
 pub use alert::{AlertHistogram, AlertStatus, AlertWindow, DriftAlert, Severity};
+pub use constraints::{InputConstraints, Violation};
 pub use decision::{decision_arrow_schema, DecisionRecord, Outcome, PriceRecord};
 pub use input::{arrow_schema_from_json_schema, builtin_input_schema};
 

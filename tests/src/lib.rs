@@ -72,6 +72,14 @@ impl Harness {
     }
 }
 
+/// A message to produce with everything Kafka allows: no value (a tombstone), headers.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    pub key: String,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
 /// Produces messages with a plain librdkafka producer (keyed), at `rate` per second if given.
 pub fn produce(
     brokers: &str,
@@ -79,21 +87,48 @@ pub fn produce(
     messages: &[(String, Vec<u8>)],
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
+    let messages: Vec<OutMessage> = messages
+        .iter()
+        .map(|(key, payload)| OutMessage {
+            key: key.clone(),
+            payload: Some(payload.clone()),
+            headers: Vec::new(),
+        })
+        .collect();
+    produce_messages(brokers, topic, &messages, rate)
+}
+
+/// [`produce`] for messages with headers or without a value.
+pub fn produce_messages(
+    brokers: &str,
+    topic: &str,
+    messages: &[OutMessage],
+    rate: Option<f64>,
+) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "2")
         .create()?;
     let started = Instant::now();
-    for (i, (key, payload)) in messages.iter().enumerate() {
+    for (i, m) in messages.iter().enumerate() {
         if let Some(rate) = rate {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
         }
-        let mut record = BaseRecord::to(topic)
-            .key(key.as_str())
-            .payload(payload.as_slice());
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        for (name, value) in &m.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut record: BaseRecord<'_, str, [u8]> =
+            BaseRecord::to(topic).key(m.key.as_str()).headers(headers);
+        if let Some(payload) = &m.payload {
+            record = record.payload(payload.as_slice());
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,

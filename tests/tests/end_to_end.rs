@@ -254,66 +254,6 @@ async fn every_transaction_gets_exactly_one_decision_with_the_models_score() -> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_messages_become_dead_letters_and_the_stream_goes_on() -> anyhow::Result<()> {
-    let harness = Harness::start(200, 50).await?;
-    let brokers = harness.stack.kafka_bootstrap.clone();
-    let decisions = Collector::start(&brokers, harness.decisions_topic())?;
-    let dead = Collector::start(&brokers, &harness.config.workloads[0].dead_letter_topic)?;
-    let pipeline = Pipeline::start(&harness.config).await?;
-
-    let good = harness.transactions(500, "dlq", 0.0);
-    let mut messages = as_messages(&good);
-    let bad: Vec<(&str, &[u8], &str)> = vec![
-        ("bad-json", b"{\"transaction_id\": \"x\",", "invalid-json"),
-        ("bad-type", br#"{"transaction_id":"t","card_id":"c","merchant_id":"m","amount":"ten","currency":"EUR","country":"DE","channel":"pos","event_time_ms":1}"#, "schema-mismatch"),
-        ("bad-missing", br#"{"transaction_id":"t2"}"#, "schema-mismatch"),
-        ("bad-utf8", b"\xff\xfe{}", "not-utf8"),
-        ("bad-empty", b"", "empty-payload"),
-        ("bad-array", b"[1,2,3]", "schema-mismatch"),
-    ];
-    for (i, (key, payload, _)) in bad.iter().enumerate() {
-        messages.insert(i * 80 + 3, (key.to_string(), payload.to_vec()));
-    }
-    let topic = harness.input_topic().to_string();
-    let b = brokers.clone();
-    tokio::task::spawn_blocking(move || produce(&b, &topic, &messages, None)).await??;
-
-    tokio::task::block_in_place(|| {
-        decisions.wait_until(Duration::from_secs(120), "all good decisions", |c| {
-            c.distinct_keys() >= good.len()
-        })?;
-        dead.wait_until(Duration::from_secs(30), "all dead letters", |c| {
-            c.distinct_keys() >= bad.len()
-        })
-    })?;
-    pipeline.stop();
-    pipeline.wait().await?;
-    let dead_letters = dead.stop()?;
-    decisions.stop()?;
-
-    for (key, payload, cause) in &bad {
-        let letter = dead_letters
-            .iter()
-            .find(|r| r.key.as_deref() == Some(*key))
-            .unwrap_or_else(|| panic!("no dead letter for {key}"));
-        assert_eq!(
-            letter.payload, *payload,
-            "{key}: the original bytes are kept"
-        );
-        assert_eq!(letter.headers["verdict.cause"], *cause, "{key}");
-        assert_eq!(letter.headers["verdict.stage"], "decode");
-        assert_eq!(
-            letter.headers["verdict.source.topic"],
-            harness.input_topic()
-        );
-        assert!(letter.headers["verdict.source.offset"]
-            .parse::<i64>()
-            .is_ok());
-    }
-    Ok(())
-}
-
 /// The `verdict` binary built next to this test.
 fn verdict_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

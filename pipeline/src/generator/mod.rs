@@ -3,6 +3,7 @@
 //! generators feed model training (`verdict gen dataset`), the demo, the benchmark and the
 //! tests.
 
+pub mod bad_input;
 pub mod fraud;
 pub mod pricing;
 

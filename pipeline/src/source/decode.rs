@@ -4,15 +4,19 @@
 //! A message that is not valid UTF-8 or not exactly one JSON value is caught as it is fed in;
 //! one whose values do not fit the schema (wrong type, missing required field) only fails the
 //! final flush, and then the batch is decoded again message by message to find which ones,
-//! so one bad message never costs the rest of its batch. Rejected messages come back with
-//! their cause, for the dead-letter topic.
+//! so one bad message never costs the rest of its batch. A message over `max-message-bytes` is
+//! rejected before parsing; decoded rows whose values break the contract's value rules
+//! (ranges, enums, lengths, finiteness: `verdict_schemas::constraints`) are then filtered out.
+//! Rejected messages come back with their cause, for the dead-letter topic.
 
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, UInt32Array};
+use arrow::array::{BooleanArray, RecordBatch, UInt32Array};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_json::reader::{Decoder, ReaderBuilder};
 use verdict_schemas::columns::ROW_ID;
+use verdict_schemas::InputConstraints;
 
 use crate::PipelineError;
 
@@ -26,6 +30,13 @@ pub enum DecodeCause {
     InvalidJson,
     /// Well-formed JSON that does not fit the input schema.
     SchemaMismatch,
+    /// Larger than the workload's `max-message-bytes`: not parsed at all.
+    Oversized,
+    /// Arrays or objects nested deeper than [`MAX_NESTING_DEPTH`]: not parsed at all.
+    TooDeep,
+    /// Well-typed values the contract forbids (range, enum, length, non-finite); the cause
+    /// names the rule (`verdict_schemas::constraints`).
+    Constraint(&'static str),
 }
 
 impl DecodeCause {
@@ -35,6 +46,9 @@ impl DecodeCause {
             DecodeCause::NotUtf8 => "not-utf8",
             DecodeCause::InvalidJson => "invalid-json",
             DecodeCause::SchemaMismatch => "schema-mismatch",
+            DecodeCause::Oversized => "oversized",
+            DecodeCause::TooDeep => "nesting-too-deep",
+            DecodeCause::Constraint(cause) => cause,
         }
     }
 }
@@ -63,7 +77,18 @@ pub struct JsonBatchDecoder {
     output_schema: SchemaRef,
     max_rows: usize,
     decoder: Decoder,
+    constraints: InputConstraints,
+    max_message_bytes: usize,
 }
+
+/// Deepest nesting of arrays and objects accepted. Inputs are flat objects; the bound exists
+/// because arrow-json formats some errors by recursing over the value, and 32,000 nested
+/// brackets (64 KB) overflowed a thread's stack — one message could crash the process.
+pub const MAX_NESTING_DEPTH: usize = 64;
+
+/// Default bound on one message's value: card transactions are a few hundred bytes, and a
+/// multi-megabyte one is a bug or an attack that should not reach the parser.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 impl JsonBatchDecoder {
     /// `max_rows`: the most messages one [`JsonBatchDecoder::decode`] call is given.
@@ -83,7 +108,21 @@ impl JsonBatchDecoder {
             output_schema,
             max_rows,
             decoder,
+            constraints: InputConstraints::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         })
+    }
+
+    /// Rows whose values break the contract's rules are rejected with the rule as cause.
+    pub fn with_constraints(mut self, constraints: InputConstraints) -> Self {
+        self.constraints = constraints;
+        self
+    }
+
+    /// Messages longer than this are rejected as `oversized` without being parsed.
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
     }
 
     fn build(schema: &SchemaRef, max_rows: usize) -> Result<Decoder, PipelineError> {
@@ -172,6 +211,7 @@ impl JsonBatchDecoder {
                 }
             }
         };
+        let (batch, accepted) = self.enforce_constraints(batch, accepted, &mut rejected)?;
         let rows = batch.num_rows() as u32;
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
@@ -185,11 +225,62 @@ impl JsonBatchDecoder {
     }
 
     /// Feeds one message to the batch decoder, checking it is exactly one complete value.
+    /// Moves the rows that break a value rule from `batch` to `rejected`.
+    fn enforce_constraints(
+        &self,
+        batch: RecordBatch,
+        accepted: Vec<usize>,
+        rejected: &mut Vec<Rejection>,
+    ) -> Result<(RecordBatch, Vec<usize>), PipelineError> {
+        if self.constraints.is_empty() || batch.num_rows() == 0 {
+            return Ok((batch, accepted));
+        }
+        let violations = self
+            .constraints
+            .check(&batch)
+            .map_err(|e| PipelineError::Decode(e.to_string()))?;
+        if violations.iter().all(Option::is_none) {
+            return Ok((batch, accepted));
+        }
+        let keep = BooleanArray::from_iter(violations.iter().map(|v| Some(v.is_none())));
+        let mut kept = Vec::with_capacity(accepted.len());
+        for (index, violation) in accepted.into_iter().zip(violations) {
+            match violation {
+                None => kept.push(index),
+                Some(v) => rejected.push(Rejection {
+                    index,
+                    cause: DecodeCause::Constraint(v.cause),
+                    detail: v.detail,
+                }),
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        let batch =
+            filter_record_batch(&batch, &keep).map_err(|e| PipelineError::Decode(e.to_string()))?;
+        Ok((batch, kept))
+    }
+
     fn feed(&mut self, payload: Option<&[u8]>) -> Result<(), (DecodeCause, String)> {
         let payload = match payload {
             Some(p) if !p.iter().all(u8::is_ascii_whitespace) => p,
             _ => return Err((DecodeCause::EmptyPayload, "message has no value".into())),
         };
+        if payload.len() > self.max_message_bytes {
+            return Err((
+                DecodeCause::Oversized,
+                format!(
+                    "{} bytes, more than max-message-bytes {}",
+                    payload.len(),
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        if nesting_exceeds(payload, MAX_NESTING_DEPTH) {
+            return Err((
+                DecodeCause::TooDeep,
+                format!("arrays or objects nested deeper than {MAX_NESTING_DEPTH}"),
+            ));
+        }
         if let Err(e) = std::str::from_utf8(payload) {
             return Err((
                 DecodeCause::NotUtf8,
@@ -201,7 +292,7 @@ impl JsonBatchDecoder {
         let consumed = self
             .decoder
             .decode(payload)
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(|e| invalid(redact(&e.to_string())))?;
         if consumed != payload.len() {
             return Err(invalid(format!(
                 "decoder stopped at byte {consumed} of {}",
@@ -232,8 +323,83 @@ impl JsonBatchDecoder {
                 .map_err(|e| (DecodeCause::SchemaMismatch, e.to_string()))?;
         }
         fed?;
-        flushed.map_err(|e| (DecodeCause::SchemaMismatch, e.to_string()))
+        flushed.map_err(|e| (DecodeCause::SchemaMismatch, redact(&e.to_string())))
     }
+}
+
+/// Whether `payload` nests arrays or objects deeper than `limit` (brackets inside strings do
+/// not count). One pass, no allocation.
+fn nesting_exceeds(payload: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in payload {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Longest detail kept from a parser error.
+const MAX_DETAIL_CHARS: usize = 200;
+
+/// A parser error without the message's content: arrow-json quotes the offending value
+/// (`expected { got [...]`, `failed to parse "4111…" as Int64`), and details travel in
+/// dead-letter headers and logs, where a card number must never appear. Keeps the field
+/// name and the rule; drops what follows "got", quoted text and long digit runs.
+fn redact(error: &str) -> String {
+    let error = match error.find(" got ") {
+        Some(at) => &error[..at],
+        None => error,
+    };
+    let mut out = String::with_capacity(error.len().min(MAX_DETAIL_CHARS));
+    let mut in_quotes = false;
+    let mut digits = 0;
+    for c in error.chars() {
+        if c == '"' {
+            if !in_quotes {
+                out.push_str("\"…\"");
+            }
+            in_quotes = !in_quotes;
+            continue;
+        }
+        if in_quotes {
+            continue;
+        }
+        if c.is_ascii_digit() {
+            digits += 1;
+            if digits == 6 {
+                out.push('…');
+            }
+            if digits >= 6 {
+                continue;
+            }
+        } else {
+            digits = 0;
+        }
+        out.push(c);
+        if out.chars().count() >= MAX_DETAIL_CHARS {
+            out.push('…');
+            break;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -327,6 +493,26 @@ mod tests {
         assert_eq!(out.batch.num_rows(), 0);
         assert_eq!(out.batch.schema(), *d.schema());
         assert_eq!(out.rejected.len(), 2);
+    }
+
+    #[test]
+    fn details_do_not_quote_the_message() {
+        let d = redact(
+            r#"Json error: whilst decoding field 'card_id': failed to parse "4111111111111111" as Int64"#,
+        );
+        assert!(!d.contains("4111"), "{d}");
+        assert!(d.contains("'card_id'"), "{d}");
+        let d = redact("Json error: expected { got [4111111111111111]");
+        assert_eq!(d, "Json error: expected {");
+        let d = redact("value 12345678901234 out of range");
+        assert!(!d.contains("123456"), "{d}");
+    }
+
+    #[test]
+    fn nesting_is_measured_outside_strings() {
+        assert!(!nesting_exceeds(br#"{"a":[[1]],"b":"[[[[[[[["}"#, 3));
+        assert!(nesting_exceeds(br#"{"a":[[[1]]]}"#, 3));
+        assert!(!nesting_exceeds(br#"{"a":"\"[[[[[["}"#, 1));
     }
 
     proptest::proptest! {

@@ -14,7 +14,7 @@ pub mod kafka;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use decode::{DecodeCause, Decoded, JsonBatchDecoder, Rejection};
+pub use decode::{DecodeCause, Decoded, JsonBatchDecoder, Rejection, DEFAULT_MAX_MESSAGE_BYTES};
 pub use kafka::{spawn_kafka_source, SourceHandle, SourceStats};
 
 /// One consumed message, owned (its bytes are needed again if it is dead-lettered).
