@@ -130,6 +130,8 @@ impl KafkaConfig {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .set("partition.assignment.strategy", "cooperative-sticky")
+            // Bounded prefetch: under overload the backlog stays in Kafka, not in memory.
+            .set("queued.max.messages.kbytes", "16384")
             // Per-partition consumer lag for `verdict_consumer_lag_messages`.
             .set("statistics.interval.ms", "5000");
         for (k, v) in self.properties.iter().chain(&self.consumer_properties) {
@@ -186,6 +188,23 @@ pub struct WorkloadConfig {
     /// Put the model's input values in each decision (`features`), for audits and replays.
     #[serde(default)]
     pub include_features: bool,
+    /// Every transaction answered inside a latency budget, with a fallback decision when the
+    /// model's answer would be late (off when absent).
+    #[serde(default)]
+    pub deadline: Option<DeadlineConfig>,
+    /// Batches in flight (consumed, not yet acknowledged) at which the source pauses its
+    /// partitions, so it keeps polling (rebalances, acks) without fetching more. Default 32,
+    /// above what the default channels hold (3 × `channel-capacity` + 8 awaiting
+    /// acknowledgement + one per stage): by default a full channel blocks the source first,
+    /// and librdkafka's prefetch is bounded by `queued.max.messages.kbytes` (16 MB). Pausing
+    /// is the last resort because each pause/resume cycle costs a refetch: measured against
+    /// Tansu, a burst that took 3 s to answer without pausing took 35 s pausing at 16.
+    #[serde(default = "default_pause_at")]
+    pub pause_at_batches_in_flight: usize,
+    /// ...and at or below which it resumes them (hysteresis: no pause/resume flapping).
+    /// Default 24.
+    #[serde(default = "default_resume_at")]
+    pub resume_at_batches_in_flight: usize,
     /// Largest message value accepted, in bytes; a larger one is dead-lettered as
     /// `oversized` without being parsed. Default 65536.
     #[serde(default = "default_max_message_bytes")]
@@ -193,6 +212,77 @@ pub struct WorkloadConfig {
     /// Batches in flight between stages (per channel). Small: backpressure, not buffering.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+}
+
+fn default_pause_at() -> usize {
+    32
+}
+
+fn default_resume_at() -> usize {
+    24
+}
+
+/// `[workloads.deadline]`: the per-transaction latency budget.
+///
+/// Before the feature stage and before scoring, a batch whose every transaction would miss
+/// its budget (given the stages' recently observed costs) skips the remaining work; when a
+/// decision is about to be produced, each transaction whose budget would run out before its
+/// delivery gets the fallback decision, marked `"fallback": "deadline"`, instead of a late
+/// model answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DeadlineConfig {
+    /// The budget, e.g. `"50ms"`.
+    #[serde(with = "humantime_serde")]
+    pub budget: Duration,
+    /// Where the budget starts: `consume` (when verdict read the message; the oldest message
+    /// of its batch) or `event-time` (the input's event time, so time spent in Kafka counts).
+    #[serde(default)]
+    pub measured_from: BudgetStart,
+    /// Input column holding the event time in ms since the epoch. Default `event_time_ms`.
+    #[serde(default = "default_event_time_column")]
+    pub event_time_column: String,
+    pub fallback: FallbackConfig,
+}
+
+fn default_event_time_column() -> String {
+    "event_time_ms".into()
+}
+
+/// What a latency budget is measured from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetStart {
+    #[default]
+    Consume,
+    EventTime,
+}
+
+/// `[workloads.deadline.fallback]`: the answer given without lookups or the model, computed
+/// from the input message alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    rename_all = "kebab-case",
+    rename_all_fields = "kebab-case",
+    deny_unknown_fields,
+    tag = "kind"
+)]
+pub enum FallbackConfig {
+    /// Fraud: `approve` up to `approve-up-to` (in the amount's units), else `otherwise`
+    /// (`review` or `decline`).
+    FraudRule {
+        id_column: String,
+        amount_column: String,
+        approve_up_to: f64,
+        otherwise: String,
+    },
+    /// Pricing: the base price, multiplier 1.
+    BasePrice {
+        id_column: String,
+        base_price_column: String,
+        #[serde(default)]
+        currency_column: Option<String>,
+    },
 }
 
 fn default_max_message_bytes() -> usize {
@@ -333,6 +423,24 @@ impl Config {
                     w.name,
                     u32::MAX
                 )));
+            }
+            if w.resume_at_batches_in_flight >= w.pause_at_batches_in_flight
+                || w.pause_at_batches_in_flight == 0
+            {
+                return Err(PipelineError::Config(format!(
+                    "workload `{}`: resume-at-batches-in-flight must be below pause-at-batches-in-flight (> 0)",
+                    w.name
+                )));
+            }
+            if let Some(FallbackConfig::FraudRule { otherwise, .. }) =
+                w.deadline.as_ref().map(|d| &d.fallback)
+            {
+                if !matches!(otherwise.as_str(), "review" | "decline" | "approve") {
+                    return Err(PipelineError::Config(format!(
+                        "workload `{}`: deadline.fallback.otherwise must be approve, review or decline",
+                        w.name
+                    )));
+                }
             }
             if w.channel_capacity == 0 {
                 return Err(PipelineError::Config(format!(

@@ -266,8 +266,8 @@ pub fn print_summary(drive: &DriveReport, reports: &[WorkloadReport]) {
         let t = &r.timings;
         let mean = |h: &hdrhistogram::Histogram<u64>| h.mean();
         println!(
-            "  pipeline `{}`  messages {}  batches {}  decisions {}  dead letters {}  degraded batches {}  drift alerts {}",
-            r.name, r.source.messages, r.source.batches, r.decisions, r.dead_letters, r.degraded_batches, r.drift_alerts
+            "  pipeline `{}`  messages {}  batches {}  decisions {} (fallbacks {})  dead letters {}  degraded batches {}  drift alerts {}",
+            r.name, r.source.messages, r.source.batches, r.decisions, r.fallbacks, r.dead_letters, r.degraded_batches, r.drift_alerts
         );
         let [e50, e99, _, emax] = percentiles_ms(&t.end_to_end_us);
         println!(

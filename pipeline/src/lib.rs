@@ -11,6 +11,7 @@
 //! - [`source`]: consumer thread, micro-batcher, JSON → Arrow;
 //! - [`workload`]: one workload's per-batch work (enrich, score, decide);
 //! - [`dead_letter`]: dead-letter records;
+//! - [`deadline`]: latency budgets, stage cost estimates, fallback decisions;
 //! - [`topology`]: wiring, backpressure, acks, shutdown;
 //! - [`metrics`], [`health`], [`http`]: Prometheus metrics, readiness, and the endpoint
 //!   serving them;
@@ -22,6 +23,7 @@
 pub mod bench;
 pub mod config;
 pub mod dead_letter;
+pub mod deadline;
 pub mod demo;
 pub mod driver;
 pub mod feature_load;

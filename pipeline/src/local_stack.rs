@@ -77,9 +77,16 @@ impl LocalStack {
     }
 
     fn start_redis(&mut self) -> Result<(), PipelineError> {
-        let port = free_port()?;
+        self.start_redis_on(free_port()?)
+    }
+
+    /// Starts `redis-server` on `port`. No automatic snapshots; an explicit `SAVE` writes
+    /// `dump.rdb` in the stack's folder, which a restart loads (as a production Redis with
+    /// persistence would come back with its data).
+    fn start_redis_on(&mut self, port: u16) -> Result<(), PipelineError> {
+        let dir = self.logs.path().to_string_lossy().into_owned();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", &dir])
             .stdout(self.log_file("redis.log")?)
             .stderr(Stdio::null())
             .spawn()
@@ -89,6 +96,34 @@ impl LocalStack {
             .map_err(|e| err(format!("redis-server: {e}")))?;
         self.redis_url = format!("redis://127.0.0.1:{port}");
         Ok(())
+    }
+
+    /// Kills `redis-server` with SIGKILL (a crash, not a shutdown) and waits for it to exit.
+    pub fn kill_redis(&mut self) -> Result<(), PipelineError> {
+        let at = self
+            .children
+            .iter()
+            .position(|(name, _)| name == "redis-server")
+            .ok_or_else(|| err("redis-server is not running"))?;
+        let (_, mut child) = self.children.remove(at);
+        child
+            .kill()
+            .map_err(|e| err(format!("killing redis-server: {e}")))?;
+        child
+            .wait()
+            .map_err(|e| err(format!("reaping redis-server: {e}")))?;
+        Ok(())
+    }
+
+    /// Starts `redis-server` again on the port it had (`redis_url` stays valid).
+    pub fn restart_redis(&mut self) -> Result<(), PipelineError> {
+        let port: u16 = self
+            .redis_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| err(format!("no port in `{}`", self.redis_url)))?;
+        self.start_redis_on(port)
     }
 
     fn start_tansu(&mut self) -> Result<(), PipelineError> {

@@ -48,6 +48,8 @@ const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(20);
 pub struct Counters {
     pub decisions: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Decisions that are the workload's fallback (budget would have run out).
+    pub fallbacks: AtomicU64,
     pub degraded_batches: AtomicU64,
     /// Drift alerts produced (firing, reminder, resolved).
     pub drift_alerts: AtomicU64,
@@ -86,6 +88,8 @@ pub struct WorkloadReport {
     pub source: SourceStats,
     pub decisions: u64,
     pub dead_letters: u64,
+    /// Of `decisions`, those that are the fallback rather than the model's answer.
+    pub fallbacks: u64,
     /// approve, review, decline, priced.
     pub outcomes: [u64; 4],
     pub degraded_batches: u64,
@@ -387,6 +391,7 @@ impl Pipeline {
                         source,
                         decisions: w.counters.decisions.load(Ordering::Relaxed),
                         dead_letters: w.counters.dead_letters.load(Ordering::Relaxed),
+                        fallbacks: w.counters.fallbacks.load(Ordering::Relaxed),
                         outcomes,
                         degraded_batches: w.counters.degraded_batches.load(Ordering::Relaxed),
                         drift_alerts: w.counters.drift_alerts.load(Ordering::Relaxed),
@@ -551,6 +556,8 @@ fn spawn_workload(
             metrics: Arc::clone(&shared.metrics),
             workload_metrics: metrics.clone(),
             joined: shared.health.workload_started(&wc.name),
+            pause_at_batches: wc.pause_at_batches_in_flight,
+            resume_at_batches: wc.resume_at_batches_in_flight,
         },
         workload.decoder()?,
         input_tx,
@@ -633,7 +640,14 @@ fn spawn_workload(
             while let Some(scored) = scored_rx.recv().await {
                 let decided = workload.decide(&scored)?;
                 if let Some(drift_tx) = &drift_tx {
-                    if let Some(input) = Workload::drift_input(&scored) {
+                    // Shedding starts with the drift statistics: a batch that needed
+                    // fallbacks is not worth the drift thread's time.
+                    if decided.fallbacks > 0 {
+                        metrics.drift_batches_skipped.inc();
+                        counters
+                            .drift_batches_skipped
+                            .fetch_add(1, Ordering::Relaxed);
+                    } else if let Some(input) = Workload::drift_input(&scored) {
                         if drift_tx.try_send(input).is_err() {
                             metrics.drift_batches_skipped.inc();
                             counters
@@ -690,6 +704,13 @@ fn spawn_workload(
                 }
                 let produce_time = enqueued_at.elapsed();
                 let batch = &scored.enriched.batch;
+                if let (Some(deadline), true) = (&workload.deadline, scored.scored.is_ok()) {
+                    deadline.costs.observe(
+                        scored.enriched.lookup_time + scored.enriched.join_time,
+                        scored.score_time,
+                        produce_time,
+                    );
+                }
                 // Every output of the batch is acknowledged: its offsets may now be stored.
                 if ack_tx.send(batch.seq).is_err() {
                     return Err(PipelineError::Stopped(
@@ -720,12 +741,16 @@ fn spawn_workload(
                 counters
                     .dead_letters
                     .fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
+                counters
+                    .fallbacks
+                    .fetch_add(decided.fallbacks as u64, Ordering::Relaxed);
                 tracing::debug!(
                     workload = %workload.name,
                     seq = batch.seq,
                     messages = rows,
                     decisions = decided.decisions,
                     dead_letters = decided.dead_letters,
+                    fallbacks = decided.fallbacks,
                     keys_read = scored.enriched.lookup_stats.keys_read,
                     entities_missing = scored.enriched.lookup_stats.entities_missing,
                     lookup_us = micros(scored.enriched.lookup_time),
@@ -805,8 +830,11 @@ fn record_batch_metrics(
         counter.inc_by(n as u64);
     }
     if enriched.degraded.is_some() {
-        metrics.degraded_decisions.inc_by(decided.decisions as u64);
+        metrics
+            .degraded_decisions
+            .inc_by((decided.decisions - decided.fallbacks) as u64);
     }
+    metrics.fallbacks.inc_by(decided.fallbacks as u64);
     if scored.scored.is_err() && !enriched.batch.decoded.message_index.is_empty() {
         metrics.error(ErrorStage::Score);
     }

@@ -22,6 +22,7 @@ use verdict_sinks::{DecisionEncoder, OutRecord};
 
 use crate::config::{PolicyConfig, WorkloadConfig};
 use crate::dead_letter::{dead_letter, Stage};
+use crate::deadline::{Ahead, Deadline};
 use crate::source::InputBatch;
 use crate::PipelineError;
 
@@ -41,7 +42,16 @@ pub struct Workload {
     policy: Policy,
     encoder: DecisionEncoder,
     dead_letter_topic: Arc<str>,
+    /// The latency budget and fallback, when configured.
+    pub deadline: Option<Deadline>,
 }
+
+/// Cause of a batch that skipped the rest of its work because every transaction in it would
+/// miss its deadline; never a dead letter: its rows get the fallback decision.
+pub const SHED_FOR_DEADLINE: &str = "shed-for-deadline";
+
+/// The `degraded` value of a decision made without the feature store.
+pub const DEGRADED_FEATURE_STORE: &str = "feature-store-unavailable";
 
 /// A workload's decision policy, with what it needs from the SQL output.
 enum Policy {
@@ -80,6 +90,8 @@ pub struct Enriched {
     pub degraded: Option<String>,
     pub lookup_time: Duration,
     pub join_time: Duration,
+    /// Each decoded row's deadline (ms since the epoch); empty without a deadline.
+    pub deadlines_ms: Vec<i64>,
 }
 
 /// Output of the scoring stage.
@@ -116,6 +128,8 @@ pub struct Decided {
     pub imputed_rows: usize,
     /// Per model feature (in model order): decisions where it took its default.
     pub imputed_by_feature: Vec<u64>,
+    /// Decisions that are the fallback, not the model's answer (included in `decisions`).
+    pub fallbacks: usize,
 }
 
 /// The feature half of a workload — input contract, lookups, velocity and the planned SQL —
@@ -232,6 +246,10 @@ impl Workload {
             }
         }
 
+        let deadline = match &config.deadline {
+            Some(d) => Some(Deadline::new(d, &input_schema).map_err(|e| cfg_err(e.to_string()))?),
+            None => None,
+        };
         let meta = &model.metadata;
         let policy = match &config.policy {
             PolicyConfig::Fraud(thresholds) => Policy::Fraud {
@@ -285,6 +303,7 @@ impl Workload {
                 feature_names: meta.features.iter().map(|f| f.name.clone()).collect(),
             },
             dead_letter_topic: config.dead_letter_topic.as_str().into(),
+            deadline,
             config: config.clone(),
         })
     }
@@ -294,6 +313,27 @@ impl Workload {
     /// each decision lists the imputed features — rather than stopping the stream.
     pub async fn enrich(&self, store: &dyn FeatureStore, batch: InputBatch) -> Enriched {
         let rows = &batch.decoded.batch;
+        let deadlines_ms = match &self.deadline {
+            Some(d) => d.deadlines_ms(&batch),
+            None => Vec::new(),
+        };
+        if let Some(d) = &self.deadline {
+            if rows.num_rows() > 0 && d.late(&deadlines_ms, Ahead::Features).iter().all(|&l| l) {
+                return Enriched {
+                    joined: Err(StageFailure {
+                        stage: Stage::Features,
+                        cause: SHED_FOR_DEADLINE,
+                        detail: "every transaction of the batch would miss its deadline".into(),
+                    }),
+                    batch,
+                    lookup_stats: LookupStats::default(),
+                    degraded: None,
+                    lookup_time: Duration::ZERO,
+                    join_time: Duration::ZERO,
+                    deadlines_ms,
+                };
+            }
+        }
         let started = Instant::now();
         let (tables, lookup_stats, degraded) = match self.features.lookups.fetch(store, rows).await
         {
@@ -337,6 +377,7 @@ impl Workload {
             degraded,
             lookup_time,
             join_time: started.elapsed(),
+            deadlines_ms,
         }
     }
 
@@ -354,8 +395,19 @@ impl Workload {
     /// Scoring stage (blocking: runs on the scorer's own thread).
     pub fn score(&self, scorer: &mut dyn Scorer, enriched: Enriched) -> Scored {
         let started = Instant::now();
+        let shed = self.deadline.as_ref().is_some_and(|d| {
+            !enriched.deadlines_ms.is_empty()
+                && d.late(&enriched.deadlines_ms, Ahead::Score)
+                    .iter()
+                    .all(|&l| l)
+        });
         let scored = match &enriched.joined {
             Err(failure) => Err(failure.clone()),
+            Ok(_) if shed => Err(StageFailure {
+                stage: Stage::Score,
+                cause: SHED_FOR_DEADLINE,
+                detail: "every transaction of the batch would miss its deadline".into(),
+            }),
             Ok(joined) => FeatureMatrix::from_batch(joined, &self.feature_columns)
                 .map_err(|e| StageFailure {
                     stage: Stage::Score,
@@ -431,7 +483,16 @@ impl Workload {
             ));
         }
         let row_message = &batch.decoded.message_index;
+        let deadlines = &scored.enriched.deadlines_ms;
+        let late = match &self.deadline {
+            Some(d) if !deadlines.is_empty() => d.late(deadlines, Ahead::Deliver),
+            _ => vec![false; row_message.len()],
+        };
+        let mut fallback_rows: Vec<usize> = Vec::new();
         match &scored.scored {
+            Err(failure) if failure.cause == SHED_FOR_DEADLINE => {
+                fallback_rows.extend(0..row_message.len());
+            }
             Err(failure) => {
                 for &m in row_message {
                     out.dead_letter_causes.push((failure.stage, failure.cause));
@@ -457,7 +518,11 @@ impl Workload {
                     .ok_or_else(|| PipelineError::Decode("no event_time_ms".into()))?;
                 let mut keep = Vec::with_capacity(joined.num_rows());
                 for (row, &message) in row_message.iter().enumerate() {
-                    if let Some(why) = matrix.unscorable[row] {
+                    if late[row] {
+                        // A model answer delivered after the budget is worth less than the
+                        // fallback delivered in time.
+                        fallback_rows.push(row);
+                    } else if let Some(why) = matrix.unscorable[row] {
                         let name = &self.feature_columns[why.feature as usize].name;
                         let (cause, detail) = if why.non_finite {
                             (
@@ -594,6 +659,15 @@ impl Workload {
                             }
                             _ => StringArray::new_null(keep.len()),
                         }),
+                        Arc::new(StringArray::from(vec![
+                            scored
+                                .enriched
+                                .degraded
+                                .as_ref()
+                                .map(|_| DEGRADED_FEATURE_STORE);
+                            keep.len()
+                        ])),
+                        Arc::new(StringArray::new_null(keep.len())),
                         Arc::new(features.finish()),
                     ],
                 )
@@ -605,6 +679,31 @@ impl Workload {
                         .map_err(|e| PipelineError::Sink(e.to_string()))?,
                 );
             }
+        }
+        if let (Some(deadline), false) = (&self.deadline, fallback_rows.is_empty()) {
+            let (decisions, outcomes) =
+                deadline.fallback_decisions(batch, &fallback_rows, now_ms())?;
+            for outcome in outcomes {
+                out.outcomes[Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0)] += 1;
+            }
+            let times = decisions
+                .column_by_name("event_time_ms")
+                .map(|c| c.as_primitive::<Int64Type>().clone());
+            for (i, &row) in fallback_rows.iter().enumerate() {
+                if let Some(t) = &times {
+                    out.decided_event_times_ms.push(t.value(i));
+                }
+                if let Some(ts) = batch.messages[row_message[row]].timestamp_ms {
+                    out.decided_timestamps_ms.push(ts);
+                }
+            }
+            out.decisions += fallback_rows.len();
+            out.fallbacks = fallback_rows.len();
+            out.records.extend(
+                self.encoder
+                    .encode(&decisions)
+                    .map_err(|e| PipelineError::Sink(e.to_string()))?,
+            );
         }
         out.dead_letters = out.records.len() - out.decisions;
         Ok(out)
@@ -663,7 +762,7 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
     use crate::config::{example_config_dir, Config, EXAMPLE_CONFIG};
-    use crate::source::{JsonBatchDecoder, RawMessage};
+    use crate::source::RawMessage;
     use async_trait::async_trait;
     use verdict_features::{FeatureError, HashRead, InMemoryFeatureStore};
     use verdict_scorers::FnScorer;

@@ -57,7 +57,8 @@ pub struct DecisionRecord<'a> {
     pub transaction_id: &'a str,
     pub workload: &'a str,
     pub decision: Outcome,
-    pub score: f32,
+    /// The model's output; `None` for a fallback decision, which no model made.
+    pub score: Option<f32>,
     pub model: &'a str,
     pub model_version: &'a str,
     pub event_time_ms: i64,
@@ -68,6 +69,14 @@ pub struct DecisionRecord<'a> {
     pub reasons: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceRecord<'a>>,
+    /// Set when the decision was made without the feature store (it was down or slow):
+    /// `"feature-store-unavailable"`. `imputed_features` lists what took its default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<&'a str>,
+    /// Set when this is the workload's fallback decision rather than the model's, and why:
+    /// `"deadline"` (the transaction's latency budget would have run out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<&'a str>,
     /// The model's input values, when the workload is configured to include them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub features: Option<std::collections::BTreeMap<&'a str, f32>>,
@@ -80,7 +89,7 @@ pub fn decision_arrow_schema() -> arrow::datatypes::SchemaRef {
     std::sync::Arc::new(Schema::new(vec![
         Field::new("transaction_id", DataType::Utf8, false),
         Field::new("decision", DataType::Utf8, false),
-        Field::new("score", DataType::Float32, false),
+        Field::new("score", DataType::Float32, true),
         Field::new("event_time_ms", DataType::Int64, false),
         Field::new("decision_time_ms", DataType::Int64, false),
         Field::new(
@@ -102,6 +111,8 @@ pub fn decision_arrow_schema() -> arrow::datatypes::SchemaRef {
         Field::new("price_multiplier", DataType::Float64, true),
         Field::new("price", DataType::Float64, true),
         Field::new("currency", DataType::Utf8, true),
+        Field::new("degraded", DataType::Utf8, true),
+        Field::new("fallback", DataType::Utf8, true),
         Field::new(
             "features",
             DataType::List(std::sync::Arc::new(Field::new_list_field(
@@ -125,7 +136,7 @@ mod tests {
             transaction_id: "tx-1",
             workload: "fraud",
             decision: Outcome::Review,
-            score: 0.42,
+            score: Some(0.42),
             model: "fraud-mlp",
             model_version: "1.0.0",
             event_time_ms: 1_700_000_000_000,
@@ -133,10 +144,25 @@ mod tests {
             imputed_features: vec!["card_age_days"],
             reasons: vec!["card_tx_count_1m:high"],
             price: None,
+            degraded: None,
+            fallback: None,
             features: None,
         };
         let value = serde_json::to_value(&record).unwrap();
         assert!(validator.is_valid(&value), "{value}");
+
+        // A fallback has no score and says so; a degraded decision says why.
+        let fallback = DecisionRecord {
+            score: None,
+            fallback: Some("deadline"),
+            degraded: Some("feature-store-unavailable"),
+            ..record.clone()
+        };
+        let value = serde_json::to_value(&fallback).unwrap();
+        assert!(validator.is_valid(&value), "{value}");
+        let mut bad = value.clone();
+        bad["fallback"] = "tired".into();
+        assert!(!validator.is_valid(&bad));
 
         // The schema really constrains: an unknown outcome is rejected.
         let mut bad = value.clone();
@@ -146,7 +172,7 @@ mod tests {
         // A pricing decision carries its price; features are a name → value map.
         let priced = DecisionRecord {
             decision: Outcome::Priced,
-            score: 1.37,
+            score: Some(1.37),
             reasons: vec![],
             price: Some(PriceRecord {
                 multiplier: 1.35,

@@ -55,6 +55,8 @@ impl DecisionEncoder {
         let prices: &Float64Array = column("price")?.as_primitive::<Float64Type>();
         let currencies: &StringArray = column("currency")?.as_string();
         let features: &ListArray = column("features")?.as_list();
+        let degraded: &StringArray = column("degraded")?.as_string();
+        let fallback: &StringArray = column("fallback")?.as_string();
 
         let mut records = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
@@ -83,7 +85,7 @@ impl DecisionEncoder {
                 transaction_id: ids.value(row),
                 workload: &self.workload,
                 decision: outcome,
-                score: scores.value(row),
+                score: (!scores.is_null(row)).then(|| scores.value(row)),
                 model: &self.model,
                 model_version: &self.model_version,
                 event_time_ms: event_times.value(row),
@@ -91,6 +93,8 @@ impl DecisionEncoder {
                 imputed_features: strings(imputed, row),
                 reasons: strings(reasons, row),
                 price,
+                degraded: (!degraded.is_null(row)).then(|| degraded.value(row)),
+                fallback: (!fallback.is_null(row)).then(|| fallback.value(row)),
                 features: feature_values,
             };
             let payload =
@@ -128,7 +132,7 @@ mod tests {
             vec![
                 Arc::new(StringArray::from(vec!["t1", "t2"])),
                 Arc::new(StringArray::from(vec!["decline", "approve"])),
-                Arc::new(Float32Array::from(vec![0.9, 0.01])),
+                Arc::new(Float32Array::from(vec![Some(0.9), None])),
                 Arc::new(Int64Array::from(vec![1, 2])),
                 Arc::new(Int64Array::from(vec![10, 20])),
                 Arc::new(imputed.finish()),
@@ -136,6 +140,11 @@ mod tests {
                 Arc::new(Float64Array::from(vec![None, Some(1.25)])),
                 Arc::new(Float64Array::from(vec![None, Some(12.5)])),
                 Arc::new(StringArray::from(vec![None, Some("EUR")])),
+                Arc::new(StringArray::from(vec![
+                    Some("feature-store-unavailable"),
+                    None,
+                ])),
+                Arc::new(StringArray::from(vec![None, Some("deadline")])),
                 Arc::new(features.finish()),
             ],
         )
@@ -164,5 +173,10 @@ mod tests {
             serde_json::json!({"multiplier": 1.25, "amount": 12.5, "currency": "EUR"})
         );
         assert!(second.get("features").is_none());
+        assert_eq!(first["degraded"], "feature-store-unavailable");
+        assert!(first.get("fallback").is_none());
+        assert!(second.get("degraded").is_none());
+        assert_eq!(second["fallback"], "deadline");
+        assert!(second["score"].is_null(), "a fallback has no model score");
     }
 }

@@ -3,6 +3,8 @@
 //! decisions consumer, and an independent scoring path to check decisions against.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -41,8 +43,12 @@ impl Harness {
             http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         }
         // Redis and the broker share two cores with the test: a loaded machine must not
-        // push lookups into degraded mode.
+        // push lookups into degraded mode, nor answers into fallbacks. These tests check the
+        // model's answers; the deadline has its own test, which sets one.
         config.redis.response_timeout = Duration::from_secs(2);
+        for w in &mut config.workloads {
+            w.deadline = None;
+        }
         Ok(Self {
             stack,
             world,
@@ -283,3 +289,95 @@ impl Drop for Collector {
 
 /// Reading the operations endpoint, as a scraper does.
 pub use verdict::scrape;
+
+/// The `verdict` binary built next to this test.
+pub fn verdict_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let binary = dir.join("verdict");
+    assert!(
+        binary.is_file(),
+        "{} not found: build it first (`cargo build --release --bins`; deploy/test.sh does)",
+        binary.display()
+    );
+    binary
+}
+
+/// A `verdict run` child process, killed if the test fails before stopping it.
+pub struct VerdictProcess(Child, PathBuf);
+
+impl VerdictProcess {
+    pub fn spawn(config: &std::path::Path, log: &std::path::Path) -> Self {
+        Self::spawn_with_env(config, log, &[("RUST_LOG", "info")])
+    }
+
+    /// [`VerdictProcess::spawn`] with environment variables of its own.
+    pub fn spawn_with_env(
+        config: &std::path::Path,
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let child = Command::new(verdict_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap();
+        Self(child, log.to_path_buf())
+    }
+
+    /// Waits until the process logged that its consumer got partitions (it has installed its
+    /// signal handlers long before).
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            if log.contains("partitions assigned") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "verdict did not join the group within {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A crash: SIGKILL, no drain, no final commit.
+    pub fn crash(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = libc::pid_t::try_from(self.0.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid this test spawned and has not reaped yet.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            sent,
+            0,
+            "kill(SIGTERM) failed: {}",
+            std::io::Error::last_os_error()
+        );
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for VerdictProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl VerdictProcess {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}

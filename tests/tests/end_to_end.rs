@@ -2,8 +2,6 @@
 //! started on free ports by the test itself.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -15,7 +13,7 @@ use verdict::config::example_config_dir;
 use verdict::generator::Transaction;
 use verdict::Pipeline;
 use verdict_scorers::{LoadedModel, OnnxScorer, OnnxScorerConfig, Scorer};
-use verdict_tests::{as_messages, produce, Collector, Harness};
+use verdict_tests::{as_messages, produce, Collector, Harness, VerdictProcess};
 
 /// The model's features for one transaction, computed row by row from Redis with plain Rust
 /// — an independent path from the pipeline's Arrow + DataFusion one — and imputed with the
@@ -252,82 +250,6 @@ async fn every_transaction_gets_exactly_one_decision_with_the_models_score() -> 
         );
     }
     Ok(())
-}
-
-/// The `verdict` binary built next to this test.
-fn verdict_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let binary = dir.join("verdict");
-    assert!(
-        binary.is_file(),
-        "{} not found: build it first (`cargo build --release --bins`; deploy/test.sh does)",
-        binary.display()
-    );
-    binary
-}
-
-/// A `verdict run` child process, killed if the test fails before stopping it.
-struct VerdictProcess(Child, PathBuf);
-
-impl VerdictProcess {
-    fn spawn(config: &std::path::Path, log: &std::path::Path) -> Self {
-        let child = Command::new(verdict_binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .unwrap();
-        Self(child, log.to_path_buf())
-    }
-
-    /// Waits until the process logged that its consumer got partitions (it has installed its
-    /// signal handlers long before).
-    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
-            if log.contains("partitions assigned") {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "verdict did not join the group within {timeout:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// A crash: SIGKILL, no drain, no final commit.
-    fn crash(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = libc::pid_t::try_from(self.0.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) with a pid this test spawned and has not reaped yet.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(
-            sent,
-            0,
-            "kill(SIGTERM) failed: {}",
-            std::io::Error::last_os_error()
-        );
-        self.0.wait().unwrap()
-    }
-}
-
-impl Drop for VerdictProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

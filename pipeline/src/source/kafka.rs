@@ -35,6 +35,8 @@ use crate::PipelineError;
 
 /// Longest a poll blocks when no batch is open (keeps shutdown and acks responsive).
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Poll wait while paused: acks (which may allow resuming) are absorbed between polls.
+const PAUSED_POLL: Duration = Duration::from_millis(2);
 /// Longest the source waits for in-flight batches on shutdown or revocation.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,6 +69,9 @@ struct SourceContext {
     workload_metrics: WorkloadMetrics,
     /// Set once the consumer has joined its group (readiness).
     joined: Arc<AtomicBool>,
+    /// Set while the source holds its partitions paused (overload); partitions assigned
+    /// meanwhile are paused as they arrive.
+    paused: AtomicBool,
 }
 
 /// The part of librdkafka's statistics JSON the lag metric needs.
@@ -148,11 +153,18 @@ impl ConsumerContext for SourceContext {
             self.joined.store(true, Ordering::Relaxed);
         }
         match rebalance {
-            Rebalance::Assign(partitions) => tracing::info!(
-                workload = %self.workload,
-                assigned = partitions.count(),
-                "partitions assigned"
-            ),
+            Rebalance::Assign(partitions) => {
+                if self.paused.load(Ordering::Relaxed) {
+                    if let Err(e) = consumer.pause(partitions) {
+                        tracing::warn!(workload = %self.workload, error = %e, "pausing newly assigned partitions");
+                    }
+                }
+                tracing::info!(
+                    workload = %self.workload,
+                    assigned = partitions.count(),
+                    "partitions assigned"
+                )
+            }
             Rebalance::Error(e) => {
                 tracing::warn!(workload = %self.workload, error = %e, "rebalance error")
             }
@@ -224,6 +236,21 @@ impl SourceContext {
     }
 }
 
+/// Pauses or resumes every assigned partition.
+fn set_paused(consumer: &BaseConsumer<SourceContext>, pause: bool, workload: &str) {
+    let result = consumer.assignment().and_then(|assignment| {
+        if pause {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        }
+    });
+    match result {
+        Ok(()) => tracing::debug!(workload, paused = pause, "source flow control"),
+        Err(e) => tracing::warn!(workload, error = %e, paused = pause, "pause/resume failed"),
+    }
+}
+
 /// Settings of one source.
 pub struct SourceSettings {
     pub workload: String,
@@ -234,6 +261,10 @@ pub struct SourceSettings {
     pub metrics: Arc<Metrics>,
     pub workload_metrics: WorkloadMetrics,
     pub joined: Arc<AtomicBool>,
+    /// Pause the partitions at this many batches in flight...
+    pub pause_at_batches: usize,
+    /// ...and resume them at this many or fewer.
+    pub resume_at_batches: usize,
 }
 
 /// Starts the consumer thread. Batches go to `batches`; the stages send each batch's `seq` to
@@ -253,6 +284,7 @@ pub fn spawn_kafka_source(
         metrics: settings.metrics,
         workload_metrics: settings.workload_metrics.clone(),
         joined: settings.joined,
+        paused: AtomicBool::new(false),
     };
     let metrics = settings.workload_metrics;
     let consumer: BaseConsumer<SourceContext> = settings
@@ -314,8 +346,28 @@ pub fn spawn_kafka_source(
             let mut last_error_log = Instant::now() - Duration::from_secs(60);
             while !shutdown.load(Ordering::Relaxed) {
                 stats.acked_batches += ctx.absorb_acks(&consumer, None);
+                // Overload: stop fetching rather than buffer. Kafka keeps the backlog; the
+                // consumer keeps polling (rebalances, acks) while paused. Hysteresis between
+                // the two thresholds avoids pausing and resuming on every batch.
+                let in_flight = ctx.in_flight_count();
+                let paused = ctx.paused.load(Ordering::Relaxed);
+                if !paused && in_flight >= settings.pause_at_batches {
+                    ctx.paused.store(true, Ordering::Relaxed);
+                    set_paused(&consumer, true, &settings.workload);
+                    metrics.source_paused.set(1);
+                    metrics.source_pauses.inc();
+                } else if paused && in_flight <= settings.resume_at_batches {
+                    ctx.paused.store(false, Ordering::Relaxed);
+                    set_paused(&consumer, false, &settings.workload);
+                    metrics.source_paused.set(0);
+                }
                 let now = Instant::now();
-                match consumer.poll(batcher.wait_budget(now, IDLE_POLL)) {
+                let cap = if ctx.paused.load(Ordering::Relaxed) {
+                    PAUSED_POLL
+                } else {
+                    IDLE_POLL
+                };
+                match consumer.poll(batcher.wait_budget(now, cap)) {
                     Some(Ok(message)) => {
                         let topic = match topics.get(message.topic()) {
                             Some(t) => Arc::clone(t),

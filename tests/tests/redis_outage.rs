@@ -1,0 +1,136 @@
+//! Redis trouble degrades, it does not stop: the real `redis-server` is killed (SIGKILL)
+//! mid-stream and restarted seconds later on the same port, while transactions flow through
+//! a real broker. Every transaction gets a decision; those decided during the outage say
+//! `"degraded": "feature-store-unavailable"` and list the features that took their defaults;
+//! those after the restart are normal again, without restarting the pipeline.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use verdict::workload::now_ms;
+use verdict::Pipeline;
+use verdict_tests::{as_messages, produce, Collector, Harness};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_crash_is_scored_degraded_and_recovers_by_itself() -> anyhow::Result<()> {
+    let mut harness = Harness::start(500, 100).await?;
+    // Lookups give up quickly so the outage shows within the test's time; reconnects too.
+    harness.config.redis.response_timeout = Duration::from_millis(200);
+    harness.config.redis.connect_timeout = Duration::from_millis(200);
+    let redis_url = harness.stack.redis_url.clone();
+    {
+        // Snapshot the features, so the restarted server comes back with them.
+        let client = redis::Client::open(redis_url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SAVE").query_async::<()>(&mut conn).await?;
+    }
+    let brokers = harness.stack.kafka_bootstrap.clone();
+    let decisions = Collector::start(&brokers, harness.decisions_topic())?;
+    let pipeline = Pipeline::start(&harness.config).await?;
+    let http = pipeline.http_address().expect("http configured");
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while verdict::scrape::get(http, "/readyz").map_or(0, |(status, _)| status) != 200 {
+        anyhow::ensure!(Instant::now() < ready_by, "the pipeline never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 11 s of traffic at 800 tx/s; Redis is down from 3 s to 7 s.
+    let rate = 800.0;
+    let transactions = harness.transactions(8_800, "outage", 0.0);
+    let messages = as_messages(&transactions);
+    let topic = harness.input_topic().to_string();
+    let started = Instant::now();
+    let producer = {
+        let brokers = brokers.clone();
+        tokio::task::spawn_blocking(move || produce(&brokers, &topic, &messages, Some(rate)))
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    harness.stack.kill_redis()?;
+    let killed_ms = now_ms();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    harness.stack.restart_redis()?;
+    let restarted_ms = now_ms();
+    producer.await??;
+    let produced_for = started.elapsed();
+
+    tokio::task::block_in_place(|| {
+        decisions.wait_until(
+            Duration::from_secs(120),
+            "a decision for every transaction",
+            |c| c.distinct_keys() >= transactions.len(),
+        )
+    })?;
+    pipeline.stop();
+    let reports = pipeline.wait().await?;
+    let received = decisions.stop()?;
+
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for r in &received {
+        let d: serde_json::Value = serde_json::from_slice(&r.payload)?;
+        by_id.insert(r.key.clone().unwrap_or_default(), d);
+    }
+    for t in &transactions {
+        assert!(
+            by_id.contains_key(&t.transaction_id),
+            "no decision for {}",
+            t.transaction_id
+        );
+    }
+
+    // Classify by decision time: before the kill, during the outage (+ the reconnect
+    // backoff, at most 1 s, and a batch in flight), and well after the restart.
+    let (mut before, mut during, mut after) = (0, 0, 0);
+    let (mut degraded_during, mut degraded_elsewhere) = (0, 0);
+    for d in by_id.values() {
+        let at = d["decision_time_ms"].as_i64().unwrap();
+        let degraded = d.get("degraded").and_then(|v| v.as_str());
+        if let Some(reason) = degraded {
+            assert_eq!(reason, "feature-store-unavailable");
+            let imputed = d["imputed_features"].as_array().unwrap();
+            assert!(
+                imputed.iter().any(|f| f == "card_age_days"),
+                "a degraded decision lists the store's features as imputed: {d}"
+            );
+            assert!(
+                d["score"].is_number(),
+                "a degraded decision is still the model's: {d}"
+            );
+        }
+        if at < killed_ms - 100 {
+            before += 1;
+            if degraded.is_some() {
+                degraded_elsewhere += 1;
+            }
+        } else if at > killed_ms + 200 && at < restarted_ms {
+            during += 1;
+            if degraded.is_some() {
+                degraded_during += 1;
+            }
+        } else if at > restarted_ms + 2_500 {
+            after += 1;
+            if degraded.is_some() {
+                degraded_elsewhere += 1;
+            }
+        }
+    }
+    eprintln!(
+        "produced for {produced_for:?}; decisions before {before}, during {during} \
+         ({degraded_during} degraded), after {after}; degraded outside the outage {degraded_elsewhere}"
+    );
+    assert!(before > 500, "traffic before the outage: {before}");
+    assert!(during > 1_000, "traffic during the outage: {during}");
+    assert_eq!(
+        degraded_during, during,
+        "every decision during the outage is marked degraded"
+    );
+    assert!(after > 500, "traffic after the restart: {after}");
+    assert_eq!(
+        degraded_elsewhere, 0,
+        "decisions outside the outage are normal"
+    );
+
+    let fraud = reports.iter().find(|r| r.name == "fraud").unwrap();
+    assert!(fraud.degraded_batches > 0);
+    assert_eq!(fraud.dead_letters, 0, "an outage dead-letters nothing");
+    Ok(())
+}
