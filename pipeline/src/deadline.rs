@@ -66,8 +66,8 @@ impl StageCosts {
             let new = if old == 0 {
                 sample
             } else {
-                // Integer EWMA; the +7 rounds up so a steady cost is not underestimated.
-                (old * 7 + sample + 7) / 8
+                // Integer EWMA, rounded up so a steady cost is not underestimated.
+                (old * 7 + sample).div_ceil(8)
             };
             slot.store(new, Ordering::Relaxed);
         }

@@ -32,7 +32,7 @@ fn luhn_valid(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// A Luhn-valid 16-digit number starting with `prefix` (15 digits).
