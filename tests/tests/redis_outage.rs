@@ -40,6 +40,7 @@ async fn a_redis_crash_is_scored_degraded_and_recovers_by_itself() -> anyhow::Re
     let messages = as_messages(&transactions);
     let topic = harness.input_topic().to_string();
     let started = Instant::now();
+    let started_ms = now_ms();
     let producer = {
         let brokers = brokers.clone();
         tokio::task::spawn_blocking(move || produce(&brokers, &topic, &messages, Some(rate)))
@@ -77,12 +78,21 @@ async fn a_redis_crash_is_scored_degraded_and_recovers_by_itself() -> anyhow::Re
         );
     }
 
-    // Classify by decision time: before the kill, during the outage (+ the reconnect
-    // backoff, at most 1 s, and a batch in flight), and well after the restart.
+    // Classify by what bounds each lookup in time: it happened after the transaction was
+    // produced (the producer paces at `rate`, never early) and before its decision. Surely
+    // during the outage: produced after the kill (+ a batch in flight) and decided before the
+    // restart. Surely before: decided before the kill. Surely after: produced well after the
+    // restart (the reconnect backoff is at most 1 s).
+    let index: HashMap<&str, usize> = transactions
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.transaction_id.as_str(), i))
+        .collect();
     let (mut before, mut during, mut after) = (0, 0, 0);
     let (mut degraded_during, mut degraded_elsewhere) = (0, 0);
-    for d in by_id.values() {
-        let at = d["decision_time_ms"].as_i64().unwrap();
+    for (id, d) in &by_id {
+        let decided = d["decision_time_ms"].as_i64().unwrap();
+        let produced = started_ms + (index[id.as_str()] as f64 * 1000.0 / rate) as i64;
         let degraded = d.get("degraded").and_then(|v| v.as_str());
         if let Some(reason) = degraded {
             assert_eq!(reason, "feature-store-unavailable");
@@ -96,17 +106,17 @@ async fn a_redis_crash_is_scored_degraded_and_recovers_by_itself() -> anyhow::Re
                 "a degraded decision is still the model's: {d}"
             );
         }
-        if at < killed_ms - 100 {
+        if decided < killed_ms {
             before += 1;
             if degraded.is_some() {
                 degraded_elsewhere += 1;
             }
-        } else if at > killed_ms + 200 && at < restarted_ms {
+        } else if produced > killed_ms + 200 && decided < restarted_ms {
             during += 1;
             if degraded.is_some() {
                 degraded_during += 1;
             }
-        } else if at > restarted_ms + 2_500 {
+        } else if produced > restarted_ms + 2_500 {
             after += 1;
             if degraded.is_some() {
                 degraded_elsewhere += 1;
