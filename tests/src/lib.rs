@@ -290,6 +290,20 @@ impl Drop for Collector {
 /// Reading the operations endpoint, as a scraper does.
 pub use verdict::scrape;
 
+/// Waits until the pipeline serving `/readyz` at `http` is ready (its consumers have joined),
+/// so a test that times transactions from their production does not count the group join.
+pub async fn wait_until_ready(http: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let ready_by = Instant::now() + timeout;
+    while scrape::get(http, "/readyz").map_or(0, |(status, _)| status) != 200 {
+        anyhow::ensure!(
+            Instant::now() < ready_by,
+            "the pipeline was not ready within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// The `verdict` binary built next to this test.
 pub fn verdict_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -7,7 +7,7 @@
 //!   the pipeline recovers by itself.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use verdict::config::{example_config_dir, Config, EXAMPLE_CONFIG};
@@ -131,11 +131,7 @@ async fn a_broker_outage_loses_nothing_and_the_pipeline_recovers() -> anyhow::Re
 
     let pipeline = Pipeline::start(&config).await?;
     let http = pipeline.http_address().expect("http configured");
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while verdict::scrape::get(http, "/readyz").map_or(0, |(status, _)| status) != 200 {
-        anyhow::ensure!(Instant::now() < ready_by, "the pipeline never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    verdict_tests::wait_until_ready(http, Duration::from_secs(60)).await?;
 
     // 8 s of traffic at 500 tx/s; the broker is down from 2 s to 7 s.
     let mut stream = world.transactions(7, "outage", 0.0);

@@ -85,11 +85,7 @@ async fn a_burst_past_capacity_is_answered_in_budget_or_by_marked_fallbacks() ->
     let pipeline = Pipeline::start(&harness.config).await?;
     let http = pipeline.http_address().expect("http configured");
     // Produce only once the consumers have joined: event times start counting at once.
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while scrape::get(http, "/readyz").map_or(0, |(status, _)| status) != 200 {
-        anyhow::ensure!(Instant::now() < ready_by, "the pipeline never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    verdict_tests::wait_until_ready(http, Duration::from_secs(60)).await?;
 
     // 20,000 tx/s for 3 s.
     let mut transactions = harness.transactions(60_000, "overload", 0.0);
