@@ -26,6 +26,7 @@ pub mod dead_letter;
 pub mod deadline;
 pub mod demo;
 pub mod driver;
+mod exactly_once;
 pub mod feature_load;
 pub mod gen;
 pub mod generator;

@@ -90,6 +90,8 @@ pub struct Metrics {
     assigned_partitions: IntGaugeVec,
     source_paused: IntGaugeVec,
     source_pauses: IntCounterVec,
+    transactions: IntCounterVec,
+    rewinds: IntCounterVec,
     feature_store_seconds: HistogramVec,
     feature_store_up: IntGauge,
     imputed_decisions: IntCounterVec,
@@ -218,6 +220,13 @@ impl Metrics {
             assigned_partitions: gauge(&r, "verdict_assigned_partitions", "Input partitions assigned to this process.", w)?,
             source_paused: gauge(&r, "verdict_source_paused", "1 while the source has paused its partitions because too many batches are in flight.", w)?,
             source_pauses: counter(&r, "verdict_source_pauses_total", "Times the source paused its partitions (overload).", w)?,
+            transactions: counter(
+                &r,
+                "verdict_transactions_total",
+                "Exactly once: batch transactions by how they ended (committed, aborted, or failed = the producer was recreated).",
+                &["workload", "outcome"],
+            )?,
+            rewinds: counter(&r, "verdict_source_rewinds_total", "Exactly once: times the source went back to the committed offsets after an aborted transaction.", w)?,
             feature_store_seconds: histogram(
                 &r,
                 "verdict_feature_store_round_trip_seconds",
@@ -316,6 +325,9 @@ impl Metrics {
             assigned_partitions: self.assigned_partitions.with_label_values(&[workload]),
             source_paused: self.source_paused.with_label_values(&[workload]),
             source_pauses: self.source_pauses.with_label_values(&[workload]),
+            transactions: ["committed", "aborted", "failed"]
+                .map(|o| self.transactions.with_label_values(&[workload, o])),
+            rewinds: self.rewinds.with_label_values(&[workload]),
             feature_store_seconds: self.feature_store_seconds.with_label_values(&[workload]),
             imputed_decisions: self.imputed_decisions.with_label_values(&[workload]),
             imputed_features: self.imputed_features.clone(),
@@ -436,6 +448,9 @@ pub struct WorkloadMetrics {
     pub assigned_partitions: IntGauge,
     pub source_paused: IntGauge,
     pub source_pauses: IntCounter,
+    /// committed, aborted, failed.
+    pub transactions: [IntCounter; 3],
+    pub rewinds: IntCounter,
     pub feature_store_seconds: Histogram,
     pub imputed_decisions: IntCounter,
     imputed_features: IntCounterVec,
@@ -446,6 +461,11 @@ pub struct WorkloadMetrics {
 }
 
 impl WorkloadMetrics {
+    /// The workload these handles label.
+    pub fn workload(&self) -> &str {
+        &self.workload
+    }
+
     pub fn dead_letter(&self, stage: &str, cause: &str) {
         self.dead_letters
             .with_label_values(&[&self.workload, stage, cause])

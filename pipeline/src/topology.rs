@@ -24,15 +24,17 @@ use tokio::task::JoinHandle;
 use verdict_features::{FeatureStore, RedisFeatureStore};
 use verdict_scorers::drift::DriftMonitor;
 use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
-use verdict_sinks::{Delivery, KafkaSink, OutRecord, Sink};
+use verdict_sinks::transactional::transactional_id;
+use verdict_sinks::{Delivery, KafkaSink, OutRecord, Sink, TransactionalSink};
 
-use crate::config::{Config, KafkaConfig, WorkloadConfig};
+use crate::config::{instance_id, Config, KafkaConfig, WorkloadConfig};
+use crate::exactly_once;
 use crate::health::Health;
 use crate::http::HttpServer;
 use crate::metered_store::MeteredStore;
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::source::kafka::SourceSettings;
-use crate::source::{spawn_kafka_source, SourceHandle, SourceStats};
+use crate::source::{spawn_kafka_source, Rewind, SourceHandle, SourceStats};
 use crate::workload::{now_ms, Decided, DriftInput, Scored, Workload};
 use crate::PipelineError;
 
@@ -41,7 +43,7 @@ const MAX_BATCHES_AWAITING_ACK: usize = 8;
 
 /// How long the sink keeps retrying a failed delivery after shutdown was requested; past it
 /// the batch stays unacknowledged (its offsets uncommitted) and is consumed again next run.
-const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(20);
+pub(crate) const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(20);
 
 /// Counters of one workload, shared by its stages.
 #[derive(Debug, Default)]
@@ -104,7 +106,9 @@ struct RunningWorkload {
     source: SourceHandle,
     enrich: JoinHandle<Result<(), PipelineError>>,
     score: std::thread::JoinHandle<Result<(), PipelineError>>,
-    sink: JoinHandle<Result<(), PipelineError>>,
+    /// At least once: the task that enqueues records (the acker awaits them). Exactly once,
+    /// the committer (in `acker`) does both.
+    sink: Option<JoinHandle<Result<(), PipelineError>>>,
     acker: JoinHandle<Result<([u64; 4], StageTimings), PipelineError>>,
     drift: Option<std::thread::JoinHandle<()>>,
 }
@@ -179,7 +183,29 @@ async fn start_workload(
         &model.metadata.sha256,
         &format!("{:?}", scorer.execution_provider()),
     );
-    spawn_workload(config, workload, model.metadata.clone(), scorer, shared)
+    let transactional = match wc.exactly_once {
+        true => {
+            let id = transactional_id(&config.kafka.group_id, &wc.name, &instance_id());
+            let producer_config = config.kafka.transactional_producer(&id);
+            let producer = tokio::task::spawn_blocking(move || {
+                TransactionalSink::new(&producer_config, TRANSACTION_TIMEOUT)
+            })
+            .await
+            .map_err(|e| PipelineError::Stopped(e.to_string()))?
+            .map_err(|e| PipelineError::Kafka(format!("transactional producer `{id}`: {e}")))?;
+            tracing::info!(workload = %wc.name, transactional_id = %id, "exactly once");
+            Some(producer)
+        }
+        false => None,
+    };
+    spawn_workload(
+        config,
+        workload,
+        model.metadata.clone(),
+        scorer,
+        transactional,
+        shared,
+    )
 }
 
 /// Pings the feature store every `interval` for `/readyz` and `verdict_feature_store_up`,
@@ -368,10 +394,12 @@ impl Pipeline {
                 .await
                 .map_err(|e| PipelineError::Stopped(e.to_string()))?
                 .map_err(|_| PipelineError::Stopped("scorer thread panicked".into()))?;
-            let sink = w
-                .sink
-                .await
-                .map_err(|e| PipelineError::Stopped(e.to_string()))?;
+            let sink = match w.sink {
+                Some(sink) => sink
+                    .await
+                    .map_err(|e| PipelineError::Stopped(e.to_string()))?,
+                None => Ok(()),
+            };
             let acker = w
                 .acker
                 .await
@@ -424,6 +452,20 @@ impl Pipeline {
 /// Scored batches queued for the drift monitor before new ones skip it.
 const DRIFT_QUEUE_BATCHES: usize = 16;
 
+/// Exactly once: alert batches waiting for the committer's next transaction.
+const ALERT_QUEUE_BATCHES: usize = 16;
+
+/// Exactly once: the limit of each transactional call and of its retries.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the drift monitor's alerts go.
+enum AlertOutput {
+    /// At least once: produced on their own.
+    Produce(Arc<KafkaSink>),
+    /// Exactly once: into the committer's next transaction.
+    Transactions(mpsc::Sender<Vec<OutRecord>>),
+}
+
 /// The drift monitor's thread: counts batches into its window, closes windows by count or
 /// age (checked at least once a second), and produces alerts keyed by `<workload>/<feature>`.
 /// Alerts are not tied to input offsets: one lost in a crash is re-raised by the next windows.
@@ -431,14 +473,13 @@ fn spawn_drift_monitor(
     mut monitor: DriftMonitor,
     alerts_topic: String,
     rx: std::sync::mpsc::Receiver<DriftInput>,
-    shared: &Shared,
+    output: AlertOutput,
+    metrics: Arc<Metrics>,
     counters: Arc<Counters>,
-    workload: String,
     workload_metrics: WorkloadMetrics,
 ) -> Result<std::thread::JoinHandle<()>, PipelineError> {
     let runtime = tokio::runtime::Handle::current();
-    let sink = Arc::clone(&shared.sink);
-    let metrics = Arc::clone(&shared.metrics);
+    let workload = workload_metrics.workload().to_string();
     let mut windows_seen = 0;
     let topic: Arc<str> = alerts_topic.as_str().into();
     std::thread::Builder::new()
@@ -505,28 +546,41 @@ fn spawn_drift_monitor(
             counters
                 .drift_alerts
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
-            let sink = Arc::clone(&sink);
-            let workload = workload.clone();
-            let workload_metrics = workload_metrics.clone();
-            runtime.spawn(async move {
-                let delivered = match sink.send(&records).await {
-                    Ok(delivery) => delivery.await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = delivered {
-                    workload_metrics.error(ErrorStage::DriftAlert);
-                    tracing::error!(workload = %workload, error = %e, "drift alerts not delivered");
+            match &output {
+                AlertOutput::Produce(sink) => {
+                    let sink = Arc::clone(sink);
+                    let workload = workload.clone();
+                    let workload_metrics = workload_metrics.clone();
+                    runtime.spawn(async move {
+                        let delivered = match sink.send(&records).await {
+                            Ok(delivery) => delivery.await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = delivered {
+                            workload_metrics.error(ErrorStage::DriftAlert);
+                            tracing::error!(workload = %workload, error = %e, "drift alerts not delivered");
+                        }
+                    });
                 }
-            });
+                AlertOutput::Transactions(committer) => {
+                    if committer.blocking_send(records).is_err() {
+                        workload_metrics.error(ErrorStage::DriftAlert);
+                        tracing::error!(workload = %workload, "drift alerts not delivered: the committer stopped");
+                    }
+                }
+            }
         })
         .map_err(|e| PipelineError::Stopped(format!("spawning the drift thread: {e}")))
 }
 
+/// Spawns a workload's stages. With `transactional` (exactly once) the last stage is the
+/// committer; without, a sink task and an acker (at least once).
 fn spawn_workload(
     config: &Config,
     workload: Arc<Workload>,
     model_metadata: verdict_scorers::ModelMetadata,
     mut scorer: OnnxScorer,
+    transactional: Option<TransactionalSink>,
     shared: &Shared,
 ) -> Result<RunningWorkload, PipelineError> {
     let wc = &workload.config;
@@ -543,14 +597,18 @@ fn spawn_workload(
     let (scored_tx, mut scored_rx) = mpsc::channel(capacity);
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
     let counters = Arc::new(Counters::default());
+    let rewind = transactional.as_ref().map(|_| Arc::new(Rewind::default()));
+    let group_id = format!("{}.{}", config.kafka.group_id, wc.name);
 
     let source = spawn_kafka_source(
         SourceSettings {
             workload: wc.name.clone(),
             topic: wc.input_topic.clone(),
-            consumer: config
-                .kafka
-                .consumer(&format!("{}.{}", config.kafka.group_id, wc.name)),
+            consumer: if rewind.is_some() {
+                config.kafka.transactional_consumer(&group_id)
+            } else {
+                config.kafka.consumer(&group_id)
+            },
             max_rows: wc.batch.max_rows,
             linger: wc.batch.linger,
             metrics: Arc::clone(&shared.metrics),
@@ -558,6 +616,7 @@ fn spawn_workload(
             joined: shared.health.workload_started(&wc.name),
             pause_at_batches: wc.pause_at_batches_in_flight,
             resume_at_batches: wc.resume_at_batches_in_flight,
+            rewind: rewind.clone(),
         },
         workload.decoder()?,
         input_tx,
@@ -609,23 +668,62 @@ fn spawn_workload(
     // The drift monitor runs on its own thread, fed by the sink task through a small bounded
     // queue with `try_send`: when it falls behind, batches skip it (counted) rather than
     // slowing decisions down.
+    // Exactly once, alerts go into the committer's next transaction instead.
+    let (alerts_tx, alerts_rx) = match rewind {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel::<Vec<OutRecord>>(ALERT_QUEUE_BATCHES);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let (drift_tx, drift) = match &wc.drift {
         Some(drift_config) => {
             let (tx, rx) = std::sync::mpsc::sync_channel::<DriftInput>(DRIFT_QUEUE_BATCHES);
             let monitor = DriftMonitor::new(&wc.name, &model_metadata, drift_config);
+            let output = match alerts_tx {
+                Some(tx) => AlertOutput::Transactions(tx),
+                None => AlertOutput::Produce(Arc::clone(&shared.sink)),
+            };
             let handle = spawn_drift_monitor(
                 monitor,
                 drift_config.alerts_topic.clone(),
                 rx,
-                shared,
+                output,
+                Arc::clone(&shared.metrics),
                 Arc::clone(&counters),
-                wc.name.clone(),
                 metrics.clone(),
             )?;
             (Some(tx), Some(handle))
         }
         None => (None, None),
     };
+
+    if let (Some(producer), Some(rewind)) = (transactional, rewind) {
+        let committer = exactly_once::spawn_committer(exactly_once::Committer {
+            accounts: BatchAccounts::new(&workload, &counters, &metrics),
+            workload: Arc::clone(&workload),
+            producer: Some(producer),
+            rewind,
+            scored: scored_rx,
+            alerts: alerts_rx,
+            drift: drift_tx,
+            acks: ack_tx,
+            counters: Arc::clone(&counters),
+            metrics,
+            shutdown,
+            aborts_in_a_row: 0,
+        });
+        return Ok(RunningWorkload {
+            name: wc.name.clone(),
+            counters,
+            source,
+            enrich,
+            score,
+            sink: None,
+            acker: committer,
+            drift,
+        });
+    }
 
     // The sink task enqueues each batch's records as soon as it is decided; the acker awaits
     // the deliveries in batch order and acks each batch only after its own delivery, so
@@ -639,23 +737,7 @@ fn spawn_workload(
         tokio::spawn(async move {
             while let Some(scored) = scored_rx.recv().await {
                 let decided = workload.decide(&scored)?;
-                if let Some(drift_tx) = &drift_tx {
-                    // Shedding starts with the drift statistics: a batch that needed
-                    // fallbacks is not worth the drift thread's time.
-                    if decided.fallbacks > 0 {
-                        metrics.drift_batches_skipped.inc();
-                        counters
-                            .drift_batches_skipped
-                            .fetch_add(1, Ordering::Relaxed);
-                    } else if let Some(input) = Workload::drift_input(&scored) {
-                        if drift_tx.try_send(input).is_err() {
-                            metrics.drift_batches_skipped.inc();
-                            counters
-                                .drift_batches_skipped
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
+                feed_drift(drift_tx.as_ref(), &scored, &decided, &metrics, &counters);
                 let enqueued_at = Instant::now();
                 let delivery = match sink.send(&decided.records).await {
                     Ok(delivery) => Some(delivery),
@@ -679,13 +761,10 @@ fn spawn_workload(
         })
     };
     let acker = {
+        let mut accounts = BatchAccounts::new(&workload, &counters, &metrics);
         let workload = Arc::clone(&workload);
-        let counters = Arc::clone(&counters);
-        let feature_names: Vec<String> = workload.feature_names().map(str::to_string).collect();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut timings = StageTimings::new();
-            let mut outcomes = [0u64; 4];
             while let Some(pending) = pending_rx.recv().await {
                 let PendingBatch {
                     scored,
@@ -703,65 +782,15 @@ fn spawn_workload(
                     redeliver(sink.as_ref(), &decided.records, &workload.name, &shutdown).await?;
                 }
                 let produce_time = enqueued_at.elapsed();
-                let batch = &scored.enriched.batch;
-                if let (Some(deadline), true) = (&workload.deadline, scored.scored.is_ok()) {
-                    deadline.costs.observe(
-                        scored.enriched.lookup_time + scored.enriched.join_time,
-                        scored.score_time,
-                        produce_time,
-                    );
-                }
                 // Every output of the batch is acknowledged: its offsets may now be stored.
-                if ack_tx.send(batch.seq).is_err() {
+                if ack_tx.send(scored.enriched.batch.seq).is_err() {
                     return Err(PipelineError::Stopped(
                         "source stopped before its acks".into(),
                     ));
                 }
-                record_batch_metrics(&metrics, &feature_names, &scored, &decided, produce_time);
-                let now = now_ms();
-                for ts in &decided.decided_timestamps_ms {
-                    let _ = timings
-                        .end_to_end_us
-                        .record(((now - ts).max(0) as u64) * 1000);
-                }
-                let rows = batch.messages.len() as u64;
-                let _ = timings.rows.record(rows.max(1));
-                let _ = timings
-                    .lookup_us
-                    .record(micros(scored.enriched.lookup_time));
-                let _ = timings.join_us.record(micros(scored.enriched.join_time));
-                let _ = timings.score_us.record(micros(scored.score_time));
-                let _ = timings.produce_us.record(micros(produce_time));
-                for (total, n) in outcomes.iter_mut().zip(decided.outcomes) {
-                    *total += n as u64;
-                }
-                counters
-                    .decisions
-                    .fetch_add(decided.decisions as u64, Ordering::Relaxed);
-                counters
-                    .dead_letters
-                    .fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
-                counters
-                    .fallbacks
-                    .fetch_add(decided.fallbacks as u64, Ordering::Relaxed);
-                tracing::debug!(
-                    workload = %workload.name,
-                    seq = batch.seq,
-                    messages = rows,
-                    decisions = decided.decisions,
-                    dead_letters = decided.dead_letters,
-                    fallbacks = decided.fallbacks,
-                    keys_read = scored.enriched.lookup_stats.keys_read,
-                    entities_missing = scored.enriched.lookup_stats.entities_missing,
-                    lookup_us = micros(scored.enriched.lookup_time),
-                    join_us = micros(scored.enriched.join_time),
-                    score_us = micros(scored.score_time),
-                    produce_us = micros(produce_time),
-                    consume_to_ack_us = micros(batch.opened_at.elapsed()),
-                    "batch"
-                );
+                accounts.delivered(&scored, &decided, produce_time);
             }
-            Ok((outcomes, timings))
+            Ok(accounts.finish())
         })
     };
 
@@ -771,10 +800,122 @@ fn spawn_workload(
         source,
         enrich,
         score,
-        sink: sink_task,
+        sink: Some(sink_task),
         acker,
         drift,
     })
+}
+
+/// What the last stage records of each delivered (or committed) batch: metrics, the
+/// report's timings and outcome counts, the deadline's stage costs and the per-batch log line.
+pub(crate) struct BatchAccounts {
+    workload: Arc<Workload>,
+    counters: Arc<Counters>,
+    metrics: WorkloadMetrics,
+    feature_names: Vec<String>,
+    timings: StageTimings,
+    outcomes: [u64; 4],
+}
+
+impl BatchAccounts {
+    fn new(workload: &Arc<Workload>, counters: &Arc<Counters>, metrics: &WorkloadMetrics) -> Self {
+        Self {
+            workload: Arc::clone(workload),
+            counters: Arc::clone(counters),
+            metrics: metrics.clone(),
+            feature_names: workload.feature_names().map(str::to_string).collect(),
+            timings: StageTimings::new(),
+            outcomes: [0; 4],
+        }
+    }
+
+    pub(crate) fn delivered(&mut self, scored: &Scored, decided: &Decided, produce_time: Duration) {
+        let batch = &scored.enriched.batch;
+        if let (Some(deadline), true) = (&self.workload.deadline, scored.scored.is_ok()) {
+            deadline.costs.observe(
+                scored.enriched.lookup_time + scored.enriched.join_time,
+                scored.score_time,
+                produce_time,
+            );
+        }
+        record_batch_metrics(
+            &self.metrics,
+            &self.feature_names,
+            scored,
+            decided,
+            produce_time,
+        );
+        let timings = &mut self.timings;
+        let now = now_ms();
+        for ts in &decided.decided_timestamps_ms {
+            let _ = timings
+                .end_to_end_us
+                .record(((now - ts).max(0) as u64) * 1000);
+        }
+        let rows = batch.messages.len() as u64;
+        let _ = timings.rows.record(rows.max(1));
+        let _ = timings
+            .lookup_us
+            .record(micros(scored.enriched.lookup_time));
+        let _ = timings.join_us.record(micros(scored.enriched.join_time));
+        let _ = timings.score_us.record(micros(scored.score_time));
+        let _ = timings.produce_us.record(micros(produce_time));
+        for (total, n) in self.outcomes.iter_mut().zip(decided.outcomes) {
+            *total += n as u64;
+        }
+        let counters = &self.counters;
+        counters
+            .decisions
+            .fetch_add(decided.decisions as u64, Ordering::Relaxed);
+        counters
+            .dead_letters
+            .fetch_add(decided.dead_letters as u64, Ordering::Relaxed);
+        counters
+            .fallbacks
+            .fetch_add(decided.fallbacks as u64, Ordering::Relaxed);
+        tracing::debug!(
+            workload = %self.workload.name,
+            seq = batch.seq,
+            messages = rows,
+            decisions = decided.decisions,
+            dead_letters = decided.dead_letters,
+            fallbacks = decided.fallbacks,
+            keys_read = scored.enriched.lookup_stats.keys_read,
+            entities_missing = scored.enriched.lookup_stats.entities_missing,
+            lookup_us = micros(scored.enriched.lookup_time),
+            join_us = micros(scored.enriched.join_time),
+            score_us = micros(scored.score_time),
+            produce_us = micros(produce_time),
+            consume_to_ack_us = micros(batch.opened_at.elapsed()),
+            "batch"
+        );
+    }
+
+    pub(crate) fn finish(self) -> ([u64; 4], StageTimings) {
+        (self.outcomes, self.timings)
+    }
+}
+
+/// Feeds a decided batch to the drift monitor unless it needed fallbacks (shedding starts
+/// with the drift statistics) or the monitor is behind (then the batch skips it, counted).
+pub(crate) fn feed_drift(
+    drift_tx: Option<&std::sync::mpsc::SyncSender<DriftInput>>,
+    scored: &Scored,
+    decided: &Decided,
+    metrics: &WorkloadMetrics,
+    counters: &Counters,
+) {
+    let Some(drift_tx) = drift_tx else {
+        return;
+    };
+    let skipped = decided.fallbacks > 0
+        || Workload::drift_input(scored).is_some_and(|input| drift_tx.try_send(input).is_err());
+    if skipped {
+        metrics.drift_batches_skipped.inc();
+        counters
+            .drift_batches_skipped
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Delivers a batch's records again until they are acknowledged, with backoff: an undelivered

@@ -803,6 +803,9 @@ mod tests {
             messages,
             opened_at: Instant::now(),
             decode_time: Duration::ZERO,
+            next_offsets: Vec::new(),
+            epoch: 0,
+            group: None,
         }
     }
 

@@ -2,16 +2,19 @@
 //!
 //! - [`sink`]: the [`Sink`] trait (hand over a batch of records, get a future that resolves
 //!   when all are acknowledged) and an in-memory test double;
-//! - [`kafka`]: the Kafka producer implementation;
+//! - [`kafka`]: the Kafka producer implementation (at least once);
+//! - [`transactional`]: a Kafka transaction per batch (exactly once);
 //! - [`encode`]: a decisions `RecordBatch` → keyed JSON records.
 
 pub mod encode;
 pub mod kafka;
 pub mod sink;
+pub mod transactional;
 
 pub use encode::DecisionEncoder;
 pub use kafka::KafkaSink;
 pub use sink::{Delivery, MemorySink, OutRecord, Sink};
+pub use transactional::{NextOffset, TransactionError, TransactionalSink};
 
 /// Errors of the sink stage.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,8 @@ pub enum SinkError {
     Delivery { topic: String, reason: String },
     #[error("encoding: {0}")]
     Encode(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 pub type Result<T, E = SinkError> = std::result::Result<T, E>;

@@ -69,12 +69,80 @@ impl Harness {
         (0..count).map(|i| stream.next_at(now + i as i64)).collect()
     }
 
+    /// Writes the example config for a `verdict run` child process of this harness (its
+    /// broker and Redis, a free metrics port, absolute model paths) to `dir`, after
+    /// `edit` has changed its text; returns the file's path.
+    pub fn write_process_config(
+        &self,
+        dir: &std::path::Path,
+        edit: impl FnOnce(String) -> String,
+    ) -> anyhow::Result<PathBuf> {
+        let models = example_config_dir()
+            .join("../../scorers/models")
+            .canonicalize()?;
+        let text = EXAMPLE_CONFIG
+            .replace("127.0.0.1:9092", &self.stack.kafka_bootstrap)
+            .replace("redis://127.0.0.1:6379", &self.stack.redis_url)
+            .replace("response-timeout = \"50ms\"", "response-timeout = \"2s\"")
+            // Several processes on one machine: each gets its own metrics port.
+            .replace("listen = \"127.0.0.1:9464\"", "listen = \"127.0.0.1:0\"")
+            .replace(
+                "\"../../scorers/models/",
+                &format!("\"{}/", models.display()),
+            );
+        let path = dir.join("verdict.toml");
+        std::fs::write(&path, edit(text))?;
+        Ok(path)
+    }
+
     pub fn input_topic(&self) -> &str {
         &self.config.workloads[0].input_topic
     }
 
     pub fn decisions_topic(&self) -> &str {
         &self.config.workloads[0].decisions_topic
+    }
+}
+
+/// librdkafka's mock cluster (one broker, the example topics) with a real `redis-server` and a
+/// world's features: for the tests that take the broker down or inject its errors.
+pub struct MockStack {
+    pub cluster: rdkafka::mocking::MockCluster<'static, DefaultProducerContext>,
+    pub redis: LocalStack,
+    pub world: World,
+    /// The example config pointed at both, a free metrics port, deadlines off.
+    pub config: Config,
+}
+
+impl MockStack {
+    pub async fn start() -> anyhow::Result<Self> {
+        let cluster = rdkafka::mocking::MockCluster::new(1)?;
+        for (topic, partitions) in EXAMPLE_TOPICS {
+            cluster.create_topic(topic, partitions, 1)?;
+        }
+        let redis = LocalStack::redis_only()?;
+        let world = World::generate(2026, 500, 100);
+        world.load_into_redis(&redis.redis_url).await?;
+        let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
+        config.kafka.brokers = cluster.bootstrap_servers();
+        config.redis.url = redis.redis_url.clone();
+        config.redis.response_timeout = Duration::from_secs(2);
+        if let Some(http) = &mut config.http {
+            http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        }
+        for w in &mut config.workloads {
+            w.deadline = None;
+        }
+        Ok(Self {
+            cluster,
+            redis,
+            world,
+            config,
+        })
+    }
+
+    pub fn brokers(&self) -> String {
+        self.cluster.bootstrap_servers()
     }
 }
 

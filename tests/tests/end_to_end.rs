@@ -258,19 +258,7 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
     let harness = Harness::start(1_000, 200).await?;
     let brokers = harness.stack.kafka_bootstrap.clone();
     let dir = tempfile::tempdir()?;
-    let config_path = dir.path().join("verdict.toml");
-    let model_dir = example_config_dir()
-        .join("../../scorers/models/fraud-mlp")
-        .canonicalize()?;
-    let text = verdict::config::EXAMPLE_CONFIG
-        .replace("127.0.0.1:9092", &brokers)
-        .replace("redis://127.0.0.1:6379", &harness.stack.redis_url)
-        .replace("response-timeout = \"50ms\"", "response-timeout = \"2s\"")
-        .replace(
-            "\"../../scorers/models/fraud-mlp\"",
-            &format!("{:?}", model_dir),
-        );
-    std::fs::write(&config_path, text)?;
+    let config_path = harness.write_process_config(dir.path(), |text| text)?;
 
     let decisions = Collector::start(&brokers, harness.decisions_topic())?;
     let transactions = harness.transactions(COUNT, "restart", 0.02);

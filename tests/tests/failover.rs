@@ -9,13 +9,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::mocking::MockCluster;
-use verdict::config::{example_config_dir, Config, EXAMPLE_CONFIG};
-use verdict::demo::EXAMPLE_TOPICS;
-use verdict::generator::World;
-use verdict::local_stack::LocalStack;
 use verdict::Pipeline;
-use verdict_tests::{as_messages, produce, Collector, Harness, VerdictProcess};
+use verdict_tests::{as_messages, produce, Collector, Harness, MockStack, VerdictProcess};
 
 fn missing(
     transactions: &[verdict::generator::Transaction],
@@ -40,21 +35,7 @@ async fn the_survivor_of_two_processes_takes_over_and_nothing_is_lost() -> anyho
     let harness = Harness::start(1_000, 200).await?;
     let brokers = harness.stack.kafka_bootstrap.clone();
     let dir = tempfile::tempdir()?;
-    let config_path = dir.path().join("verdict.toml");
-    let models = example_config_dir()
-        .join("../../scorers/models")
-        .canonicalize()?;
-    let text = EXAMPLE_CONFIG
-        .replace("127.0.0.1:9092", &brokers)
-        .replace("redis://127.0.0.1:6379", &harness.stack.redis_url)
-        .replace("response-timeout = \"50ms\"", "response-timeout = \"2s\"")
-        // Two processes on one machine: each gets its own metrics port.
-        .replace("listen = \"127.0.0.1:9464\"", "listen = \"127.0.0.1:0\"")
-        .replace(
-            "\"../../scorers/models/",
-            &format!("\"{}/", models.display()),
-        );
-    std::fs::write(&config_path, text)?;
+    let config_path = harness.write_process_config(dir.path(), |text| text)?;
 
     let decisions = Collector::start(&brokers, harness.decisions_topic())?;
     let transactions = harness.transactions(COUNT, "failover", 0.0);
@@ -110,26 +91,10 @@ async fn the_survivor_of_two_processes_takes_over_and_nothing_is_lost() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_nothing_and_the_pipeline_recovers() -> anyhow::Result<()> {
-    let cluster = MockCluster::new(1)?;
-    for (topic, partitions) in EXAMPLE_TOPICS {
-        cluster.create_topic(topic, partitions, 1)?;
-    }
-    let brokers = cluster.bootstrap_servers();
-    let redis = LocalStack::redis_only()?;
-    let world = World::generate(2026, 500, 100);
-    world.load_into_redis(&redis.redis_url).await?;
-    let mut config = Config::parse(EXAMPLE_CONFIG, &example_config_dir())?;
-    config.kafka.brokers = brokers.clone();
-    config.redis.url = redis.redis_url.clone();
-    config.redis.response_timeout = Duration::from_secs(2);
-    if let Some(http) = &mut config.http {
-        http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    }
-    for w in &mut config.workloads {
-        w.deadline = None;
-    }
-
-    let pipeline = Pipeline::start(&config).await?;
+    let stack = MockStack::start().await?;
+    let (cluster, brokers, world, config) =
+        (&stack.cluster, stack.brokers(), &stack.world, &stack.config);
+    let pipeline = Pipeline::start(config).await?;
     let http = pipeline.http_address().expect("http configured");
     verdict_tests::wait_until_ready(http, Duration::from_secs(60)).await?;
 

@@ -13,9 +13,15 @@
 //! offset for a partition already revoked fails (librdkafka ≥ 1.9) and is benign — the new
 //! owner re-reads from the last commit, so the worst case is a duplicate decision, never a
 //! lost one.
+//!
+//! Exactly once: nothing is stored or committed here. Each batch carries its next offsets and
+//! the group metadata to the transaction that commits it. After an aborted transaction the
+//! committer bumps the [`Rewind`] epoch; the source then drops its open batch, seeks every
+//! assigned partition back to its committed offset and stamps later batches with the new
+//! epoch, and the committer drops the batches of older epochs still in the stages.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,12 +30,13 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
+use verdict_sinks::NextOffset;
 
 use super::batcher::MicroBatcher;
 use super::decode::JsonBatchDecoder;
-use super::{InputBatch, RawMessage};
+use super::{GroupMetadata, InputBatch, RawMessage};
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::PipelineError;
 
@@ -39,6 +46,26 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 const PAUSED_POLL: Duration = Duration::from_millis(2);
 /// Longest the source waits for in-flight batches on shutdown or revocation.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limit of the committed-offset fetch and the seek of a rewind.
+const REWIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exactly once: how the committer asks the source to rewind after an aborted transaction.
+#[derive(Debug, Default)]
+pub struct Rewind {
+    epoch: AtomicU64,
+}
+
+impl Rewind {
+    /// The epoch batches are consumed in now; a batch of an older one is to be dropped.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Everything consumed after the committed offsets is void: read it again.
+    pub fn request(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+}
 
 /// What the source did, returned when its thread ends.
 #[derive(Debug, Default, Clone)]
@@ -72,6 +99,8 @@ struct SourceContext {
     /// Set while the source holds its partitions paused (overload); partitions assigned
     /// meanwhile are paused as they arrive.
     paused: AtomicBool,
+    /// Offsets are committed by transactions, not by the consumer.
+    exactly_once: bool,
 }
 
 /// The part of librdkafka's statistics JSON the lag metric needs.
@@ -131,8 +160,10 @@ impl ConsumerContext for SourceContext {
             // Finish what is in flight and commit it while we still own the partitions, so
             // the next owner starts after it instead of deciding it again.
             let pending = self.drain(consumer, DRAIN_TIMEOUT);
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(workload = %self.workload, error = %e, "commit on revoke");
+            if !self.exactly_once {
+                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                    tracing::debug!(workload = %self.workload, error = %e, "commit on revoke");
+                }
             }
             tracing::info!(
                 workload = %self.workload,
@@ -197,6 +228,10 @@ impl SourceContext {
                 .unwrap_or_else(|e| e.into_inner())
                 .batches
                 .remove(&seq);
+            if self.exactly_once {
+                // The batch's transaction committed its offsets (or it was dropped).
+                continue;
+            }
             for ((topic, partition), offset) in offsets.into_iter().flatten() {
                 // librdkafka stores offset + 1: the next message to read.
                 if let Err(e) = consumer.store_offset(&topic, partition, offset) {
@@ -251,6 +286,37 @@ fn set_paused(consumer: &BaseConsumer<SourceContext>, pause: bool, workload: &st
     }
 }
 
+/// Seeks every assigned partition back to its committed offset (or, with none committed,
+/// to where `auto.offset.reset` says); returns how many partitions moved. librdkafka
+/// discards what it had fetched past the new positions.
+fn rewind_to_committed(
+    consumer: &BaseConsumer<SourceContext>,
+    reset_to_end: bool,
+) -> rdkafka::error::KafkaResult<usize> {
+    let assignment = consumer.assignment()?;
+    if assignment.count() == 0 {
+        return Ok(0);
+    }
+    let committed = consumer.committed_offsets(assignment, REWIND_TIMEOUT)?;
+    let mut positions = TopicPartitionList::with_capacity(committed.count());
+    for p in committed.elements() {
+        let offset = match p.offset() {
+            Offset::Offset(n) => Offset::Offset(n),
+            _ if reset_to_end => Offset::End,
+            _ => Offset::Beginning,
+        };
+        positions.add_partition_offset(p.topic(), p.partition(), offset)?;
+    }
+    let moved = positions.count();
+    for p in consumer
+        .seek_partitions(positions, REWIND_TIMEOUT)?
+        .elements()
+    {
+        p.error()?;
+    }
+    Ok(moved)
+}
+
 /// Settings of one source.
 pub struct SourceSettings {
     pub workload: String,
@@ -265,6 +331,9 @@ pub struct SourceSettings {
     pub pause_at_batches: usize,
     /// ...and resume them at this many or fewer.
     pub resume_at_batches: usize,
+    /// Exactly once: offsets go with each batch to its transaction, and the committer
+    /// rewinds the source through this after an abort. `None`: at least once.
+    pub rewind: Option<Arc<Rewind>>,
 }
 
 /// Starts the consumer thread. Batches go to `batches`; the stages send each batch's `seq` to
@@ -285,7 +354,12 @@ pub fn spawn_kafka_source(
         workload_metrics: settings.workload_metrics.clone(),
         joined: settings.joined,
         paused: AtomicBool::new(false),
+        exactly_once: settings.rewind.is_some(),
     };
+    let reset_to_end = matches!(
+        settings.consumer.get("auto.offset.reset"),
+        Some("latest" | "largest" | "end")
+    );
     let metrics = settings.workload_metrics;
     let consumer: BaseConsumer<SourceContext> = settings
         .consumer
@@ -303,7 +377,11 @@ pub fn spawn_kafka_source(
             let mut seq = 0u64;
             let mut topics: HashMap<String, Arc<str>> = HashMap::new();
             let ctx = consumer.context();
-            let mut send = |messages: Vec<(RawMessage, Instant)>, stats: &mut SourceStats| {
+            let mut epoch = settings.rewind.as_ref().map_or(0, |r| r.epoch());
+            let consumer_ref = &consumer;
+            let mut send = |messages: Vec<(RawMessage, Instant)>,
+                            epoch: u64,
+                            stats: &mut SourceStats| {
                 let opened_at = messages[0].1;
                 let messages: Vec<RawMessage> = messages.into_iter().map(|(m, _)| m).collect();
                 let payloads: Vec<Option<&[u8]>> =
@@ -325,6 +403,21 @@ pub fn spawn_kafka_source(
                 stats.messages += messages.len() as u64;
                 stats.batches += 1;
                 stats.rejected += decoded.rejected.len() as u64;
+                let next_offsets = offsets
+                    .iter()
+                    .map(|((topic, partition), offset)| NextOffset {
+                        topic: Arc::clone(topic),
+                        partition: *partition,
+                        offset: offset + 1,
+                    })
+                    .collect();
+                let group = if ctx.exactly_once {
+                    consumer_ref
+                        .group_metadata()
+                        .map(|g| GroupMetadata(Arc::new(g)))
+                } else {
+                    None
+                };
                 ctx.in_flight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -336,6 +429,9 @@ pub fn spawn_kafka_source(
                     messages,
                     opened_at,
                     decode_time,
+                    next_offsets,
+                    epoch,
+                    group,
                 };
                 seq += 1;
                 batches.blocking_send(batch).map_err(|_| {
@@ -346,6 +442,33 @@ pub fn spawn_kafka_source(
             let mut last_error_log = Instant::now() - Duration::from_secs(60);
             while !shutdown.load(Ordering::Relaxed) {
                 stats.acked_batches += ctx.absorb_acks(&consumer, None);
+                if let Some(rewind) = &settings.rewind {
+                    let requested = rewind.epoch();
+                    if requested != epoch {
+                        match rewind_to_committed(&consumer, reset_to_end) {
+                            Ok(partitions) => {
+                                // The open batch was read past the committed offsets too.
+                                let _ = batcher.flush();
+                                epoch = requested;
+                                metrics.rewinds.inc();
+                                tracing::warn!(
+                                    workload = %settings.workload,
+                                    partitions,
+                                    epoch,
+                                    "rewound to the committed offsets after an aborted transaction"
+                                );
+                            }
+                            // Batches consumed meanwhile keep the old epoch and are dropped;
+                            // the next iteration tries again.
+                            Err(e) => {
+                                metrics.error(ErrorStage::Consume);
+                                tracing::warn!(workload = %settings.workload, error = %e, "rewind failed; retrying");
+                                std::thread::sleep(Duration::from_millis(100));
+                                continue;
+                            }
+                        }
+                    }
+                }
                 // Overload: stop fetching rather than buffer. Kafka keeps the backlog; the
                 // consumer keeps polling (rebalances, acks) while paused. Hysteresis between
                 // the two thresholds avoids pausing and resuming on every batch.
@@ -399,7 +522,7 @@ pub fn spawn_kafka_source(
                                 .unwrap_or_default(),
                         };
                         if let Some(full) = batcher.push((raw, Instant::now()), Instant::now()) {
-                            send(full, &mut stats)?;
+                            send(full, epoch, &mut stats)?;
                         }
                     }
                     // Transient broker errors are retried by librdkafka; log, at most once a
@@ -414,20 +537,19 @@ pub fn spawn_kafka_source(
                     None => {}
                 }
                 if let Some(expired) = batcher.poll_expired(Instant::now()) {
-                    send(expired, &mut stats)?;
+                    send(expired, epoch, &mut stats)?;
                 }
             }
 
             // Shutdown: close the open batch, let the stages drain, store and commit.
             if let Some(rest) = batcher.flush() {
-                send(rest, &mut stats)?;
+                send(rest, epoch, &mut stats)?;
             }
             drop(batches);
             let pending = ctx.drain(&consumer, DRAIN_TIMEOUT);
             stats.acked_batches = stats.batches - pending as u64;
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => {}
-                Err(e) => {
+            if !ctx.exactly_once {
+                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                     tracing::debug!(workload = %settings.workload, error = %e, "final commit")
                 }
             }

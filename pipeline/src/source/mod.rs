@@ -1,7 +1,8 @@
 //! The source: a Kafka consumer in a consumer group, polled in a loop on a dedicated thread,
 //! cutting micro-batches and decoding them into Arrow before handing whole batches to the
 //! async stages. Kafka offsets never leave the source: stages see batches and acknowledge
-//! them by sequence number; the source stores a batch's offsets only after its ack.
+//! them by sequence number; the source stores a batch's offsets only after its ack (at least
+//! once), or the batch carries them to the transaction that commits it (exactly once).
 //!
 //! - [`batcher`]: when a batch closes (`max-rows` | `linger`);
 //! - [`decode`]: JSON → Arrow, isolating bad messages;
@@ -14,8 +15,11 @@ pub mod kafka;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rdkafka::consumer::ConsumerGroupMetadata;
+use verdict_sinks::NextOffset;
+
 pub use decode::{DecodeCause, Decoded, JsonBatchDecoder, Rejection, DEFAULT_MAX_MESSAGE_BYTES};
-pub use kafka::{spawn_kafka_source, SourceHandle, SourceStats};
+pub use kafka::{spawn_kafka_source, Rewind, SourceHandle, SourceStats};
 
 /// One consumed message, owned (its bytes are needed again if it is dead-lettered).
 #[derive(Debug, Clone)]
@@ -41,4 +45,22 @@ pub struct InputBatch {
     pub opened_at: Instant,
     /// Time spent turning its JSON into Arrow.
     pub decode_time: std::time::Duration,
+    /// Committing this batch: the next offset to read of each of its partitions.
+    pub next_offsets: Vec<NextOffset>,
+    /// Exactly once: the rewind epoch it was consumed in. A batch consumed before a rewind
+    /// (an aborted transaction) is dropped; the source reads its messages again.
+    pub epoch: u64,
+    /// Exactly once: the consumer group's generation and member when it was consumed, sent
+    /// with its offsets so the coordinator refuses them from a member that lost the group.
+    pub group: Option<GroupMetadata>,
+}
+
+/// A consumer group's metadata as librdkafka hands it to a transaction (opaque).
+#[derive(Clone)]
+pub struct GroupMetadata(pub Arc<ConsumerGroupMetadata>);
+
+impl std::fmt::Debug for GroupMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupMetadata")
+    }
 }
