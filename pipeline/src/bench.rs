@@ -63,6 +63,14 @@ pub struct BenchArgs {
     /// that get work).
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
+    /// Compare with a baseline in the same run: `python` drains the same backlog with
+    /// verdict and with pipeline/bench/baseline.py, checks both decide alike, and prints
+    /// both systems' figures and the ratios (see `baseline.rs`).
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
+    /// Rounds of the baseline comparison; the table shows their medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -91,6 +99,13 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// What verdict is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// confluent-kafka + redis-py + numpy + onnxruntime, batched (pipeline/bench/baseline.py).
+    Python,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DriftMode {
     On,
@@ -111,6 +126,9 @@ struct RunFigures {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(counts) = &args.processes {
         return crate::scale_out::run(&args, counts).await;
+    }
+    if let Some(Baseline::Python) = args.baseline {
+        return crate::baseline::run(&args, args.rounds.max(1)).await;
     }
     match args.drift {
         Some(DriftMode::Compare) => {

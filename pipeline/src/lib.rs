@@ -20,6 +20,7 @@
 //! - [`driver`]: produces transactions and measures decisions (demo, bench);
 //! - [`demo`], [`bench`]: the commands.
 
+pub mod baseline;
 pub mod bench;
 pub mod config;
 pub mod dead_letter;
