@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Override the workload's batch.max-rows.
     #[arg(long)]
     pub max_rows: Option<usize>,
+    /// Override the workload's batch.mode (`fixed` or `adaptive`).
+    #[arg(long, value_enum)]
+    pub batch_mode: Option<crate::config::BatchMode>,
     /// Override the workload's batch.linger (e.g. `1ms`).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub linger: Option<Duration>,
@@ -185,6 +188,9 @@ async fn run_once(
             if let Some(linger) = args.linger {
                 config.workloads[0].batch.linger = linger;
             }
+            if let Some(mode) = args.batch_mode {
+                config.workloads[0].batch.mode = mode;
+            }
             match drift {
                 Some(false) => config.workloads[0].drift = None,
                 Some(true) if config.workloads[0].drift.is_none() => anyhow::bail!(
@@ -201,7 +207,12 @@ async fn run_once(
     };
     let batch = workload
         .as_ref()
-        .map(|w| format!("max-rows {} linger {:?}", w.batch.max_rows, w.batch.linger))
+        .map(|w| {
+            format!(
+                "{:?} batching, max-rows {} linger {:?}",
+                w.batch.mode, w.batch.max_rows, w.batch.linger
+            )
+        })
         .unwrap_or_else(|| "external pipeline".into());
     let drift_label = match (drift, &workload) {
         (Some(false), _) => "drift monitor off",

@@ -358,6 +358,23 @@ pub struct BatchConfig {
     /// ...or this long after its first message arrived, whichever comes first.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// `fixed` (default): close at `max-rows` or `linger`, whatever the load. `adaptive`:
+    /// close as soon as the stages can take the batch (fewer than two batches in flight) and
+    /// no more messages are waiting, so a lone transaction leaves at once and batches grow
+    /// with the load; while the stages are busy, keep filling it, but no longer than half
+    /// of what the workload's deadline leaves after the stages' observed cost (without a
+    /// deadline: `linger`), and never past `max-rows`.
+    #[serde(default)]
+    pub mode: BatchMode,
+}
+
+/// How a micro-batch decides to close (`[workloads.batch] mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchMode {
+    #[default]
+    Fixed,
+    Adaptive,
 }
 
 /// `[workloads.policy]`.

@@ -115,6 +115,11 @@ enum Fallback {
 }
 
 impl Deadline {
+    /// The latency budget of each transaction.
+    pub fn budget(&self) -> Duration {
+        Duration::from_millis(self.budget_ms.max(0) as u64)
+    }
+
     /// Checks the configured columns against the input schema.
     pub fn new(
         config: &DeadlineConfig,

@@ -27,13 +27,13 @@ use verdict_scorers::{runtime, LoadedModel, OnnxScorer};
 use verdict_sinks::transactional::transactional_id;
 use verdict_sinks::{Delivery, KafkaSink, OutRecord, Sink, TransactionalSink};
 
-use crate::config::{instance_id, Config, KafkaConfig, WorkloadConfig};
+use crate::config::{instance_id, BatchMode, Config, KafkaConfig, WorkloadConfig};
 use crate::exactly_once;
 use crate::health::Health;
 use crate::http::HttpServer;
 use crate::metered_store::MeteredStore;
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
-use crate::source::kafka::SourceSettings;
+use crate::source::kafka::{AdaptiveBatching, SourceSettings};
 use crate::source::{spawn_kafka_source, Rewind, SourceHandle, SourceStats};
 use crate::workload::{now_ms, Decided, DriftInput, Scored, Workload};
 use crate::PipelineError;
@@ -617,6 +617,12 @@ fn spawn_workload(
             pause_at_batches: wc.pause_at_batches_in_flight,
             resume_at_batches: wc.resume_at_batches_in_flight,
             rewind: rewind.clone(),
+            adaptive: (wc.batch.mode == BatchMode::Adaptive).then(|| AdaptiveBatching {
+                budget: workload
+                    .deadline
+                    .as_ref()
+                    .map(|d| (d.budget(), Arc::clone(&d.costs))),
+            }),
         },
         workload.decoder()?,
         input_tx,

@@ -1,5 +1,7 @@
 //! The micro-batcher: a batch closes when it holds `max-rows` messages or `linger` after its
-//! first message arrived, whichever comes first. Pure logic over a clock passed in, so it is
+//! first message arrived, whichever comes first. Adaptive batching (`mode = "adaptive"`)
+//! moves the linger with the load and closes early when the stages are idle; the source
+//! thread applies that rule, this type keeps the arithmetic. Pure logic over a clock passed in, so it is
 //! tested without sleeping.
 
 use std::time::{Duration, Instant};
@@ -50,6 +52,12 @@ impl<T> MicroBatcher<T> {
             .unwrap_or(cap)
     }
 
+    /// Changes how long a batch may stay open (adaptive batching re-decides it as the load
+    /// and the stages' costs change); applies to the open batch too.
+    pub fn set_linger(&mut self, linger: Duration) {
+        self.linger = linger;
+    }
+
     /// Closes the open batch now (shutdown, rebalance), if it has anything.
     pub fn flush(&mut self) -> Option<Vec<T>> {
         (!self.items.is_empty()).then(|| self.take())
@@ -66,6 +74,21 @@ impl<T> MicroBatcher<T> {
     fn take(&mut self) -> Vec<T> {
         self.opened_at = None;
         std::mem::replace(&mut self.items, Vec::with_capacity(self.max_rows))
+    }
+}
+
+/// Adaptive batching: the longest a batch may wait for more messages while the stages are
+/// busy. With a latency budget, half of what the budget leaves after the stages' predicted
+/// cost for a batch (the other half absorbs queueing behind the batches in flight); without
+/// one, `linger`.
+pub fn adaptive_wait(
+    budget: Option<Duration>,
+    predicted_cost: Duration,
+    linger: Duration,
+) -> Duration {
+    match budget {
+        Some(budget) => budget.saturating_sub(predicted_cost) / 2,
+        None => linger,
     }
 }
 
@@ -121,6 +144,28 @@ mod tests {
             b.wait_budget(t0 + Duration::from_millis(9), Duration::from_millis(100)),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn adaptive_waits_shrink_as_the_stages_get_slower() {
+        let ms = Duration::from_millis;
+        let budget = Some(ms(50));
+        assert_eq!(adaptive_wait(budget, ms(10), ms(2)), ms(20));
+        assert_eq!(adaptive_wait(budget, ms(40), ms(2)), ms(5));
+        // Stages slower than the budget: no waiting at all (the deadline's fallbacks answer).
+        assert_eq!(adaptive_wait(budget, ms(80), ms(2)), Duration::ZERO);
+        // No budget: the configured linger.
+        assert_eq!(adaptive_wait(None, ms(80), ms(2)), ms(2));
+    }
+
+    #[test]
+    fn a_shorter_linger_applies_to_the_open_batch() {
+        let t0 = Instant::now();
+        let mut b = MicroBatcher::new(100, Duration::from_millis(20));
+        b.push(1, t0);
+        assert!(b.poll_expired(t0 + Duration::from_millis(5)).is_none());
+        b.set_linger(Duration::from_millis(5));
+        assert_eq!(b.poll_expired(t0 + Duration::from_millis(5)), Some(vec![1]));
     }
 
     #[test]

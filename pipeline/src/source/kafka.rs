@@ -34,9 +34,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
 use verdict_sinks::NextOffset;
 
-use super::batcher::MicroBatcher;
+use super::batcher::{adaptive_wait, MicroBatcher};
 use super::decode::JsonBatchDecoder;
 use super::{GroupMetadata, InputBatch, RawMessage};
+use crate::deadline::{Ahead, StageCosts};
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::PipelineError;
 
@@ -46,6 +47,17 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 const PAUSED_POLL: Duration = Duration::from_millis(2);
 /// Longest the source waits for in-flight batches on shutdown or revocation.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Adaptive batching: with fewer batches than this in flight the stages can take a batch at
+/// once, so an open batch closes as soon as no more messages are waiting. Two, not one: the
+/// feature stage can work on a batch while the previous one is scored and delivered.
+const ADAPTIVE_IDLE_BELOW_BATCHES: usize = 2;
+
+/// What adaptive batching needs to know (`[workloads.batch] mode = "adaptive"`).
+pub struct AdaptiveBatching {
+    /// The workload's latency budget and its stages' observed costs, with a deadline.
+    pub budget: Option<(Duration, Arc<StageCosts>)>,
+}
+
 /// Limit of the committed-offset fetch and the seek of a rewind.
 const REWIND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -331,6 +343,8 @@ pub struct SourceSettings {
     pub pause_at_batches: usize,
     /// ...and resume them at this many or fewer.
     pub resume_at_batches: usize,
+    /// Adaptive batching; `None`: fixed `max-rows` / `linger`.
+    pub adaptive: Option<AdaptiveBatching>,
     /// Exactly once: offsets go with each batch to its transaction, and the committer
     /// rewinds the source through this after an abort. `None`: at least once.
     pub rewind: Option<Arc<Rewind>>,
@@ -484,13 +498,36 @@ pub fn spawn_kafka_source(
                     set_paused(&consumer, false, &settings.workload);
                     metrics.source_paused.set(0);
                 }
+                let stages_idle = match &settings.adaptive {
+                    Some(adaptive) => {
+                        let (budget, predicted) = match &adaptive.budget {
+                            Some((budget, costs)) => (
+                                Some(*budget),
+                                Duration::from_millis(
+                                    costs.remaining_ms(Ahead::Features).max(0) as u64,
+                                ),
+                            ),
+                            None => (None, Duration::ZERO),
+                        };
+                        batcher.set_linger(adaptive_wait(budget, predicted, settings.linger));
+                        in_flight < ADAPTIVE_IDLE_BELOW_BATCHES
+                    }
+                    None => false,
+                };
                 let now = Instant::now();
                 let cap = if ctx.paused.load(Ordering::Relaxed) {
                     PAUSED_POLL
                 } else {
                     IDLE_POLL
                 };
-                match consumer.poll(batcher.wait_budget(now, cap)) {
+                // Adaptive and the stages can take a batch: only take what is already
+                // waiting, then close.
+                let wait = if stages_idle && !batcher.is_empty() {
+                    Duration::ZERO
+                } else {
+                    batcher.wait_budget(now, cap)
+                };
+                match consumer.poll(wait) {
                     Some(Ok(message)) => {
                         let topic = match topics.get(message.topic()) {
                             Some(t) => Arc::clone(t),
@@ -534,7 +571,13 @@ pub fn spawn_kafka_source(
                             last_error_log = Instant::now();
                         }
                     }
-                    None => {}
+                    None => {
+                        if stages_idle {
+                            if let Some(batch) = batcher.flush() {
+                                send(batch, epoch, &mut stats)?;
+                            }
+                        }
+                    }
                 }
                 if let Some(expired) = batcher.poll_expired(Instant::now()) {
                     send(expired, epoch, &mut stats)?;
