@@ -134,7 +134,7 @@ impl FeatureStore for RedisFeatureStore {
                 .push(redis::from_redis_value(reply).map_err(redis::RedisError::from)?);
         }
         for update in updates {
-            let values: Vec<i64> = if update.events.is_empty() {
+            let values: Vec<u8> = if update.events.is_empty() {
                 Vec::new()
             } else {
                 match replies.next() {

@@ -174,7 +174,7 @@ def main():
             avg = floats(field(cards, 0))
             home = field(cards, 4)
             event_ms = np.array([tx["event_time_ms"] for tx in rows], dtype=np.int64)
-            per_event = np.array(counts, dtype=np.int64).reshape(n, 1 + 2 * len(WINDOWS_MS))
+            per_event = np.array(counts.split(), dtype=np.int64).reshape(n, 1 + 2 * len(WINDOWS_MS))
             columns = {
                 "amount": amount,
                 "amount_to_card_avg": amount / avg,

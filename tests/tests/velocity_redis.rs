@@ -145,3 +145,28 @@ fn velocity_keys_expire_after_the_horizon() {
         "PTTL {ttl} ms, horizon {HORIZON_MS} ms"
     );
 }
+
+/// The script answers in one string of integers; sums past 1e14 cents (where Lua's default
+/// number format switches to exponent notation) still arrive exact.
+#[test]
+fn sums_beyond_lua_number_formatting_arrive_exact() {
+    let (_stack, runtime, store) = redis();
+    let event = |n: i64, cents: i64| VelocityEvent {
+        key: "big:card-1".into(),
+        event_time_ms: 1_750_000_000_000 + n,
+        amount_cents: cents,
+        id: format!("tx-{n}"),
+    };
+    let update = VelocityUpdate {
+        windows_ms: WINDOWS_MS.to_vec(),
+        horizon_ms: HORIZON_MS,
+        events: vec![event(1, 60_000_000_000_003), event(2, 60_000_000_000_004)],
+    };
+    let answer = runtime
+        .block_on(store.fetch(&[], &[update]))
+        .expect("redis answers");
+    let counts = &answer.velocity[0];
+    assert_eq!(counts[0].sums_cents, vec![60_000_000_000_003; 3]);
+    assert_eq!(counts[1].sums_cents, vec![120_000_000_000_007; 3]);
+    assert_eq!(counts[1].counts, vec![2; 3]);
+}
