@@ -17,7 +17,8 @@ A message that is not a valid transaction, or whose features are not finite, goe
 dead-letter topic. `verdict bench --baseline python` runs it beside verdict on the same
 broker, Redis, data and model and checks both give the same decisions.
 
-Prints one JSON line of figures when it has handled `--expect` messages.
+Prints one JSON line of figures when it has handled `--expect` messages, or, without
+`--expect`, when SIGTERM stops it (after finishing and committing the batch in hand).
 """
 
 import argparse
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
 import time
 
@@ -93,7 +95,7 @@ def main():
     ap.add_argument("--model", required=True, help="model directory (model.onnx + model.json)")
     ap.add_argument("--repo", default=os.path.join(os.path.dirname(__file__), "../.."))
     ap.add_argument("--max-batch", type=int, default=512)
-    ap.add_argument("--expect", type=int, required=True, help="stop after this many messages")
+    ap.add_argument("--expect", type=int, help="stop after this many messages (default: at SIGTERM)")
     args = ap.parse_args()
 
     meta = json.load(open(os.path.join(args.model, "model.json"), encoding="utf-8"))
@@ -121,18 +123,20 @@ def main():
             "group.id": args.group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 5,
+            "fetch.wait.max.ms": 25,  # as verdict's consumer
         }
     )
     producer = Producer(
         {"bootstrap.servers": args.brokers, "linger.ms": 1, "acks": "all", "enable.idempotence": True}
     )
     consumer.subscribe([args.input])
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
 
     handled = decisions = dead = 0
     first = None
     cpu_at_first = None
-    while handled < args.expect:
+    while not stopping and (args.expect is None or handled < args.expect):
         batch = consumer.consume(num_messages=args.max_batch, timeout=0.05)
         if not batch:
             continue
@@ -240,8 +244,8 @@ def main():
                 "handled": handled,
                 "decisions": decisions,
                 "dead_letters": dead,
-                "seconds": time.monotonic() - first,
-                "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_at_first,
+                "seconds": time.monotonic() - first if first is not None else 0.0,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime - (cpu_at_first or 0.0),
                 "peak_rss_bytes": peak_kib * 1024,
             }
         ),

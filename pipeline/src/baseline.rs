@@ -102,7 +102,7 @@ fn read_decisions(
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("baseline-reader-{topic}"))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", "25")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut partitions = TopicPartitionList::new();

@@ -71,6 +71,22 @@ pub struct BenchArgs {
     /// both systems' figures and the ratios (see `baseline.rs`).
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
+    /// Open loop, each system a separate process on a fresh broker and Redis: one probe per
+    /// offered rate (tx/s), `--count` transactions each, with `--baseline python` also the
+    /// baseline at the same rates (see `open_loop.rs`).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Option<Vec<f64>>,
+    /// Search each system's maximum sustainable rate (open loop, `--probe-seconds` of load
+    /// per probe).
+    #[arg(long)]
+    pub find_max_rate: bool,
+    /// Seconds of load per probe of the maximum-rate search.
+    #[arg(long, default_value_t = 10.0)]
+    pub probe_seconds: f64,
+    /// Model directory for the fraud workload instead of the example's (e.g.
+    /// scorers/models/fraud-gbt).
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
     /// Rounds of the baseline comparison; the table shows their medians.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -127,6 +143,10 @@ struct RunFigures {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.rates.is_some() || args.find_max_rate {
+        let rates = args.rates.clone().unwrap_or_default();
+        return crate::open_loop::run(&args, &rates).await;
+    }
     if let Some(counts) = &args.processes {
         return crate::scale_out::run(&args, counts).await;
     }
@@ -191,6 +211,9 @@ async fn run_once(
             if let Some(mode) = args.batch_mode {
                 config.workloads[0].batch.mode = mode;
             }
+            if let Some(model) = &args.model {
+                config.workloads[0].model = model.canonicalize()?;
+            }
             match drift {
                 Some(false) => config.workloads[0].drift = None,
                 Some(true) if config.workloads[0].drift.is_none() => anyhow::bail!(
@@ -241,6 +264,8 @@ async fn run_once(
         print_samples: 0,
         settle_timeout: Duration::from_secs(60),
         producer_linger_ms: args.producer_linger_ms,
+        event_time_base_ms: None,
+        key_by_card: false,
     };
     let (world, spec) = if args.warmup > 0 {
         let warmup = DriveSpec {

@@ -134,6 +134,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         settle_timeout: std::time::Duration::from_secs(30),
         // Fewer, larger produce requests: the local broker's CPU goes to the stream.
         producer_linger_ms: 5,
+        event_time_base_ms: None,
+        key_by_card: false,
     };
     let drive_report = tokio::task::spawn_blocking(move || drive(&world, &spec)).await??;
 

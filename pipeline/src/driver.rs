@@ -43,6 +43,13 @@ pub struct DriveSpec {
     /// The load generator's `linger.ms`: how long its producer gathers transactions into one
     /// produce request (a payment system's own client setting).
     pub producer_linger_ms: u32,
+    /// `Some(t0)`: transaction `i` gets event time `t0 + i / rate` instead of the wall clock
+    /// at its produce, so two systems driven with the same spec compute the same velocity and
+    /// time-of-day features and must reach the same decisions.
+    pub event_time_base_ms: Option<i64>,
+    /// Key input messages by card id (each card's payments in order on one partition, as
+    /// payment systems partition) rather than by transaction id.
+    pub key_by_card: bool,
 }
 
 /// What was measured.
@@ -59,6 +66,13 @@ pub struct DriveReport {
     pub elapsed: Duration,
     /// Time spent producing (shows whether the offered rate was met).
     pub produce_elapsed: Duration,
+    /// Per transaction (by sequence number): its decision and score, if one arrived.
+    pub decisions: Vec<Option<(Arc<str>, f64)>>,
+    /// Median latency (ms) of the first and of the last tenth of the transactions sent. A
+    /// pipeline that keeps up shows about the same figure twice; one that falls behind shows
+    /// its backlog growing: the last tenth waited longer.
+    pub latency_first_tenth_ms: f64,
+    pub latency_last_tenth_ms: f64,
 }
 
 impl DriveReport {
@@ -79,7 +93,7 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         .set("group.id", format!("verdict-driver-{}", spec.run_id))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", "25")
         .set("session.timeout.ms", "6000")
         .create()
         .map_err(kafka_err)?;
@@ -117,6 +131,8 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
     let mut decided = 0usize;
     let mut duplicates = 0usize;
     let mut outcomes: HashMap<String, u64> = HashMap::new();
+    let mut decisions: Vec<Option<(Arc<str>, f64)>> = vec![None; spec.count];
+    let mut interned: HashMap<String, Arc<str>> = HashMap::new();
     let mut printed = 0usize;
     let mut last_arrival = clock;
     let mut settle_deadline: Option<Instant> = None;
@@ -152,8 +168,17 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
             .payload()
             .and_then(|p| serde_json::from_slice(p).ok())
             .unwrap_or_default();
-        let outcome = payload["decision"].as_str().unwrap_or("?").to_string();
-        *outcomes.entry(outcome).or_default() += 1;
+        let outcome = payload["decision"].as_str().unwrap_or("?");
+        let outcome = match interned.get(outcome) {
+            Some(o) => Arc::clone(o),
+            None => {
+                let o: Arc<str> = outcome.into();
+                interned.insert(outcome.to_string(), Arc::clone(&o));
+                o
+            }
+        };
+        *outcomes.entry(outcome.to_string()).or_default() += 1;
+        decisions[seq] = Some((outcome, payload["score"].as_f64().unwrap_or(f64::NAN)));
         if printed < spec.print_samples {
             printed += 1;
             println!("  decision  {payload}");
@@ -170,6 +195,17 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
             let _ = latency_us.record(arrived.saturating_sub(*sent).max(1));
         }
     }
+    let tenth = (spec.count / 10).max(1);
+    let median_ms = |range: std::ops::Range<usize>| {
+        let mut waits: Vec<u64> = range
+            .filter(|&i| arrival_us[i] != u64::MAX)
+            .map(|i| arrival_us[i].saturating_sub(send_us[i]))
+            .collect();
+        waits.sort_unstable();
+        waits
+            .get(waits.len() / 2)
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    };
     Ok(DriveReport {
         sent: spec.count,
         decided,
@@ -178,6 +214,9 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         latency_us,
         elapsed: last_arrival.duration_since(clock),
         produce_elapsed,
+        decisions,
+        latency_first_tenth_ms: median_ms(0..tenth.min(spec.count)),
+        latency_last_tenth_ms: median_ms(spec.count.saturating_sub(tenth)..spec.count),
     })
 }
 
@@ -199,6 +238,7 @@ fn produce(
     let interval = spec
         .rate_per_sec
         .map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
+    let event_spacing_ms = spec.rate_per_sec.map_or(1.0, |r| 1000.0 / r.max(1e-3));
     // Spread the bad messages through the run.
     let bad_every = (spec.count / (spec.bad_messages.len() + 1)).max(1);
     let mut bad = spec.bad_messages.iter().enumerate();
@@ -221,15 +261,19 @@ fn produce(
                 )?;
             }
         }
-        let tx = stream.next_at(now_ms());
+        let event_time_ms = match spec.event_time_base_ms {
+            Some(base) => base + (i as f64 * event_spacing_ms) as i64,
+            None => now_ms(),
+        };
+        let tx = stream.next_at(event_time_ms);
         let payload = serde_json::to_vec(&tx).map_err(|e| PipelineError::Decode(e.to_string()))?;
+        let key = if spec.key_by_card {
+            tx.card_id.as_bytes()
+        } else {
+            tx.transaction_id.as_bytes()
+        };
         send_us.push(clock.elapsed().as_micros() as u64);
-        send(
-            &producer,
-            &spec.input_topic,
-            tx.transaction_id.as_bytes(),
-            &payload,
-        )?;
+        send(&producer, &spec.input_topic, key, &payload)?;
     }
     for (n, payload) in bad {
         send(

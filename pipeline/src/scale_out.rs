@@ -12,9 +12,6 @@
 //! The broker, Redis and the load generator run on the same machine; on a small machine the
 //! processes compete with them for cores, and the figures show exactly that.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,85 +20,8 @@ use serde_json::json;
 use crate::bench::BenchArgs;
 use crate::demo::{local_setup_with_topics, EXAMPLE_TOPICS};
 use crate::driver::{drive, percentiles_ms, DriveSpec};
-use crate::scrape::{get, samples, sum};
-
-/// One `verdict run` child.
-struct Member {
-    child: Child,
-    metrics: SocketAddr,
-}
-
-impl Member {
-    fn start(
-        exe: &Path,
-        config: &Path,
-        brokers: &str,
-        redis: &str,
-        log: &Path,
-    ) -> anyhow::Result<Self> {
-        // A free port, released just before the child binds it.
-        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let log = std::fs::File::create(log)?;
-        let stdout = log.try_clone()?;
-        let child = Command::new(exe)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("VERDICT_KAFKA_BROKERS", brokers)
-            .env("VERDICT_REDIS_URL", redis)
-            .env("VERDICT_HTTP_LISTEN", metrics.to_string())
-            .env("RUST_LOG", "warn,verdict=info")
-            .stdout(stdout)
-            .stderr(log)
-            .spawn()
-            .context("starting `verdict run`")?;
-        Ok(Self { child, metrics })
-    }
-
-    fn scrape(&self) -> anyhow::Result<Vec<crate::scrape::Sample>> {
-        let (status, body) = get(self.metrics, "/metrics")?;
-        anyhow::ensure!(status == 200, "/metrics answered {status}");
-        Ok(samples(&body))
-    }
-
-    fn ready(&self) -> bool {
-        matches!(get(self.metrics, "/readyz"), Ok((200, _)))
-    }
-
-    /// User + system CPU seconds of the process so far.
-    fn cpu_seconds(&self) -> Option<f64> {
-        crate::bench::cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
-    }
-
-    /// SIGTERM, then wait for the drain (SIGKILL after 45 s, like a pod's grace period).
-    fn stop(mut self) -> anyhow::Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: kill(2) with a pid this process spawned and has not reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(45);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child.kill()?;
-        self.child.wait()?;
-        anyhow::bail!("a verdict process did not stop within 45 s of SIGTERM")
-    }
-}
-
-impl Drop for Member {
-    // A run that fails half-way must not leave `verdict run` processes behind: they would
-    // keep consuming (and reconnect to a later broker that happens to reuse the port).
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use crate::measured_process::MeasuredProcess;
+use crate::scrape::{get, sum};
 
 /// What one process count gave.
 struct Row {
@@ -157,7 +77,7 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
         let mut members = Vec::new();
         for i in 0..n {
             let log = logs.path().join(format!("verdict-{n}-{i}.log"));
-            members.push(Member::start(
+            members.push(MeasuredProcess::verdict(
                 &exe,
                 &config,
                 &stack.kafka_bootstrap,
@@ -169,7 +89,7 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
         let settled = tokio::task::block_in_place(|| -> anyhow::Result<Vec<u64>> {
             let deadline = Instant::now() + Duration::from_secs(90);
             loop {
-                if members.iter().all(Member::ready) {
+                if members.iter().all(MeasuredProcess::ready) {
                     let owned: Vec<u64> = members
                         .iter()
                         .map(|m| {
@@ -186,9 +106,10 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
                 if Instant::now() > deadline {
                     let readiness: Vec<String> = members
                         .iter()
-                        .map(|m| match get(m.metrics, "/readyz") {
-                            Ok((status, body)) => format!("{status}: {body}"),
-                            Err(e) => e.to_string(),
+                        .map(|m| match m.metrics.map(|a| get(a, "/readyz")) {
+                            Some(Ok((status, body))) => format!("{status}: {body}"),
+                            Some(Err(e)) => e.to_string(),
+                            None => "no endpoint".into(),
                         })
                         .collect();
                     eprintln!("readiness:\n{}", readiness.join("\n"));
@@ -221,6 +142,8 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
             print_samples: 0,
             settle_timeout: Duration::from_secs(120),
             producer_linger_ms: args.producer_linger_ms,
+            event_time_base_ms: None,
+            key_by_card: false,
         };
         let warmup = DriveSpec {
             count: args.warmup,

@@ -1,0 +1,595 @@
+//! `verdict bench --rates 2000,5000,10000 [--baseline python] [--find-max-rate]`: each system
+//! as a separate process, driven open loop at fixed offered rates, measured from outside.
+//!
+//! One probe = one system at one offered rate on a fresh broker and Redis (the same world of
+//! cards and merchants each time, so every probe starts from the same feature state):
+//! - the system runs as a child process: `verdict run` with the example fraud workload, or
+//!   `pipeline/bench/baseline.py`. verdict's deadline and drift monitor are off and its Redis
+//!   timeout is 2 s, since the baseline has none of them: both do the same work and must reach
+//!   the same decisions;
+//! - the driver ([`crate::driver`]) produces `--warmup` transactions, waits for their
+//!   decisions, then produces the measured ones at the offered rate on its own clock (open
+//!   loop: a slow system cannot slow the producer and hide its latency) and measures produce
+//!   → decision at an independent consumer. Input is keyed by card (per-card order) and event
+//!   times follow the offered rate from a base shared by both systems, so the two compute the
+//!   same velocity features; the decisions of both are compared transaction by transaction;
+//! - CPU seconds come from `/proc/<pid>/stat` around the measured part; memory is the
+//!   child's resident set, sampled every second, and its peak (`VmHWM`).
+//!
+//! `--find-max-rate` searches, per system, the highest offered rate it sustains: every
+//! transaction decided and the backlog bounded, i.e. the median latency of the last tenth of
+//! the run at most twice that of the first tenth plus 25 ms (a system behind the offered rate
+//! piles up a backlog that the last transactions wait behind), with the load generator
+//! meeting the rate. It grows the rate by half until a probe fails, then bisects.
+//!
+//! A long run at one rate (`--rates 10000 --count 3000000`, five minutes) is the memory soak:
+//! the table shows the resident set one minute in and at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::bench::BenchArgs;
+use crate::config::{example_config_dir, BatchMode, Config, EXAMPLE_CONFIG};
+use crate::demo::{local_setup, EXAMPLE_TOPICS};
+use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
+use crate::measured_process::MeasuredProcess;
+
+/// Decisions of two systems agree when the scores differ by at most this much.
+const SCORE_TOLERANCE: f64 = 1e-5;
+/// Probes of one max-rate search, at most.
+const MAX_PROBES: usize = 8;
+/// The search stops when the highest sustained and the lowest failed rate are this close.
+const SEARCH_RESOLUTION: f64 = 1.1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    Verdict,
+    Python,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Verdict => "verdict",
+            System::Python => "Python",
+        }
+    }
+}
+
+/// What one probe measured.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Probe {
+    system: System,
+    offered_per_s: f64,
+    sent: usize,
+    decided: usize,
+    duplicates: usize,
+    throughput_per_s: f64,
+    /// p50, p99, p99.9, max of produce → decision, ms.
+    latency_ms: [f64; 4],
+    latency_first_tenth_ms: f64,
+    latency_last_tenth_ms: f64,
+    /// The load generator's own pace: it met the offered rate if this is ≈ sent / rate.
+    produce_seconds: f64,
+    cpu_seconds: f64,
+    cpu_us_per_decision: f64,
+    peak_rss_mib: f64,
+    /// Resident set (MiB) one minute into the measured run (or at its end if shorter), and
+    /// at its end.
+    rss_after_1_min_mib: f64,
+    rss_at_end_mib: f64,
+    sustained: bool,
+    #[serde(skip)]
+    decisions: Vec<Option<(Arc<str>, f64)>>,
+}
+
+impl Probe {
+    fn why_not_sustained(&self) -> Option<String> {
+        let planned = self.sent as f64 / self.offered_per_s;
+        if self.decided < self.sent {
+            Some(format!("{} undecided", self.sent - self.decided))
+        } else if self.produce_seconds > planned * 1.05 + 0.5 {
+            Some(format!(
+                "load generator behind: {:.1} s for {planned:.1} s of load",
+                self.produce_seconds
+            ))
+        } else if self.latency_last_tenth_ms > 2.0 * self.latency_first_tenth_ms + 25.0 {
+            Some(format!(
+                "backlog grew: median {:.1} ms in the first tenth, {:.1} ms in the last",
+                self.latency_first_tenth_ms, self.latency_last_tenth_ms
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// The example config cut to the fraud workload, without deadline and drift monitor, with a
+/// 2 s Redis timeout, `model` and the bench's batching overrides.
+fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
+    // The fraud workload is the first; the pricing one starts at the second `[[workloads]]`.
+    let fraud_only = match EXAMPLE_CONFIG.match_indices("\n[[workloads]]\n").nth(1) {
+        Some((at, _)) => &EXAMPLE_CONFIG[..at + 1],
+        None => EXAMPLE_CONFIG,
+    };
+    let dropped = [
+        "[workloads.deadline]",
+        "[workloads.deadline.fallback]",
+        "[workloads.drift]",
+    ];
+    let mut text = String::new();
+    let mut skipping = false;
+    for line in fraud_only.lines() {
+        if line.starts_with('[') {
+            skipping = dropped.contains(&line.trim());
+        }
+        if skipping {
+            continue;
+        }
+        let line = if line.starts_with("model = ") {
+            format!("model = {:?}", model.display().to_string())
+        } else if line.starts_with("response-timeout = ") {
+            "response-timeout = \"2s\"".to_string()
+        } else if line.starts_with("max-rows = ") {
+            match args.max_rows {
+                Some(rows) => format!("max-rows = {rows}"),
+                None => line.to_string(),
+            }
+        } else if line.starts_with("linger = ") {
+            let mut l = match args.linger {
+                Some(linger) => format!("linger = \"{}\"", humantime::format_duration(linger)),
+                None => line.to_string(),
+            };
+            if args.batch_mode == Some(BatchMode::Adaptive) {
+                l.push_str("\nmode = \"adaptive\"");
+            }
+            l
+        } else {
+            line.to_string()
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    // Parsed here so a config the child would refuse fails before any probe.
+    let config = Config::parse(&text, &example_config_dir())?;
+    anyhow::ensure!(
+        config.workloads.len() == 1 && config.workloads[0].deadline.is_none(),
+        "the bench's process config should hold the fraud workload alone, without deadline"
+    );
+    Ok(text)
+}
+
+fn repo_root() -> PathBuf {
+    let root = example_config_dir().join("../..");
+    root.canonicalize().unwrap_or(root)
+}
+
+/// Samples a process's resident set every second until `stop`.
+fn sample_rss(pid: u32, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<(Instant, f64)>>> {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let out = Arc::clone(&samples);
+    std::thread::spawn(move || {
+        let status = format!("/proc/{pid}/status");
+        while !stop.load(Ordering::Relaxed) {
+            let rss = std::fs::read_to_string(&status).ok().and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            });
+            if let Some(kib) = rss {
+                out.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((Instant::now(), kib / 1024.0));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    samples
+}
+
+/// One system at one offered rate, on a fresh stack.
+async fn probe(
+    args: &BenchArgs,
+    system: System,
+    rate: f64,
+    count: usize,
+    model: &Path,
+    event_time_base_ms: i64,
+) -> anyhow::Result<Probe> {
+    let (stack, world, _) = local_setup(args.cards, 2_000).await?;
+    stack
+        .create_topics(&[
+            ("decisions.baseline", 3),
+            ("transactions.dead-letter.baseline", 1),
+        ])
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join(format!("{}.log", system.name()));
+    let decisions_topic = match system {
+        System::Verdict => EXAMPLE_TOPICS[1].0,
+        System::Python => "decisions.baseline",
+    };
+    let process = match system {
+        System::Verdict => {
+            let config = dir.path().join("verdict.toml");
+            std::fs::write(&config, process_config(args, model)?)?;
+            let mut p = MeasuredProcess::verdict(
+                &std::env::current_exe()?,
+                &config,
+                &stack.kafka_bootstrap,
+                &stack.redis_url,
+                &log,
+            )?;
+            tokio::task::block_in_place(|| p.wait_ready(Duration::from_secs(90)))
+                .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+            p
+        }
+        System::Python => {
+            let python = repo_root().join(".venv/bin/python");
+            anyhow::ensure!(
+                python.is_file(),
+                "{} not found: run deploy/setup.sh",
+                python.display()
+            );
+            let mut command = Command::new(python);
+            command
+                .arg(repo_root().join("pipeline/bench/baseline.py"))
+                .args(["--brokers", &stack.kafka_bootstrap])
+                .args(["--redis", &stack.redis_url])
+                .args(["--input", EXAMPLE_TOPICS[0].0, "--output", decisions_topic])
+                .args(["--group", "baseline.fraud", "--model"])
+                .arg(model);
+            MeasuredProcess::spawn(command, &log).context("starting the Python baseline")?
+        }
+    };
+
+    let spec = DriveSpec {
+        brokers: stack.kafka_bootstrap.clone(),
+        input_topic: EXAMPLE_TOPICS[0].0.into(),
+        decisions_topic: decisions_topic.into(),
+        count,
+        rate_per_sec: Some(rate),
+        run_id: format!("open-loop-{rate:.0}"),
+        seed: 11,
+        unknown_card_rate: 0.03,
+        bad_messages: Vec::new(),
+        print_samples: 0,
+        settle_timeout: Duration::from_secs(60),
+        producer_linger_ms: args.producer_linger_ms,
+        // The warm-up's event times come first, then the measured run's.
+        event_time_base_ms: Some(
+            event_time_base_ms + (args.warmup as f64 * 1000.0 / rate) as i64 + 1_000,
+        ),
+        key_by_card: true,
+    };
+    let warmup = DriveSpec {
+        count: args.warmup,
+        run_id: format!("{}w", spec.run_id),
+        event_time_base_ms: Some(event_time_base_ms),
+        // Includes the baseline's start and group join, which the warm-up absorbs.
+        settle_timeout: Duration::from_secs(120),
+        ..spec.clone()
+    };
+    let (report, cpu_seconds, rss) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
+        if args.warmup > 0 {
+            let w = drive(&world, &warmup)?;
+            anyhow::ensure!(
+                w.decided == w.sent,
+                "{}: {} of {} warm-up transactions got no decision; log:\n{}",
+                system.name(),
+                w.sent - w.decided,
+                w.sent,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let rss = sample_rss(process.pid(), Arc::clone(&stop));
+        let cpu_before = process.cpu_seconds().context("reading the process's CPU")?;
+        let report: DriveReport = drive(&world, &spec)?;
+        let cpu_after = process.cpu_seconds().context("reading the process's CPU")?;
+        stop.store(true, Ordering::Relaxed);
+        let rss = std::mem::take(&mut *rss.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok((report, cpu_after - cpu_before, rss))
+    })?;
+    let peak_rss_mib = process.peak_rss_mib().unwrap_or(f64::NAN);
+    tokio::task::block_in_place(|| process.stop())?;
+    drop(stack);
+
+    let started = rss.first().map(|(t, _)| *t);
+    let rss_after_1_min_mib = rss
+        .iter()
+        .find(|(t, _)| started.is_some_and(|s| t.duration_since(s) >= Duration::from_secs(60)))
+        .or(rss.last())
+        .map_or(f64::NAN, |(_, mib)| *mib);
+    let mut probe = Probe {
+        system,
+        offered_per_s: rate,
+        sent: report.sent,
+        decided: report.decided,
+        duplicates: report.duplicates,
+        throughput_per_s: report.throughput(),
+        latency_ms: percentiles_ms(&report.latency_us),
+        latency_first_tenth_ms: report.latency_first_tenth_ms,
+        latency_last_tenth_ms: report.latency_last_tenth_ms,
+        produce_seconds: report.produce_elapsed.as_secs_f64(),
+        cpu_seconds,
+        cpu_us_per_decision: cpu_seconds * 1e6 / report.decided.max(1) as f64,
+        peak_rss_mib,
+        rss_after_1_min_mib,
+        rss_at_end_mib: rss.last().map_or(f64::NAN, |(_, mib)| *mib),
+        sustained: false,
+        decisions: report.decisions,
+    };
+    probe.sustained = probe.why_not_sustained().is_none();
+    print_probe(&probe);
+    Ok(probe)
+}
+
+fn print_probe(p: &Probe) {
+    let [p50, p99, p999, max] = p.latency_ms;
+    println!(
+        "  {:7} {:>7.0} tx/s offered: {:>7.0} decided/s  p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {max:.1} ms  CPU {:.1} µs/decision  RSS peak {:.0} MiB (1 min {:.0}, end {:.0})  {}",
+        p.system.name(),
+        p.offered_per_s,
+        p.throughput_per_s,
+        p.cpu_us_per_decision,
+        p.peak_rss_mib,
+        p.rss_after_1_min_mib,
+        p.rss_at_end_mib,
+        match p.why_not_sustained() {
+            None => "sustained".to_string(),
+            Some(why) => format!("NOT sustained ({why})"),
+        }
+    );
+}
+
+/// Transactions whose decisions differ between two probes of the same spec.
+fn differing(a: &Probe, b: &Probe) -> (usize, f64) {
+    let mut differ = 0;
+    let mut largest_gap = 0.0f64;
+    for (x, y) in a.decisions.iter().zip(&b.decisions) {
+        if let (Some((dx, sx)), Some((dy, sy))) = (x, y) {
+            let gap = (sx - sy).abs();
+            largest_gap = largest_gap.max(gap);
+            if dx != dy || gap > SCORE_TOLERANCE {
+                differ += 1;
+            }
+        }
+    }
+    (differ, largest_gap)
+}
+
+/// The highest sustained offered rate of `system`, searched from `start`.
+async fn find_max_rate(
+    args: &BenchArgs,
+    system: System,
+    start: f64,
+    model: &Path,
+    probes: &mut Vec<Probe>,
+) -> anyhow::Result<Option<f64>> {
+    let (mut sustained, mut failed): (Option<f64>, Option<f64>) = (None, None);
+    let mut rate = start;
+    for _ in 0..MAX_PROBES {
+        let count = (rate * args.probe_seconds).round() as usize;
+        let p = probe(args, system, rate, count, model, crate::workload::now_ms()).await?;
+        if p.sustained {
+            sustained = Some(rate);
+        } else {
+            failed = Some(rate);
+        }
+        probes.push(p);
+        rate = match (sustained, failed) {
+            (Some(_), None) => rate * 1.5,
+            (None, Some(_)) => rate / 1.5,
+            (Some(lo), Some(hi)) if hi / lo > SEARCH_RESOLUTION => {
+                ((lo * hi).sqrt() / 100.0).round() * 100.0
+            }
+            _ => break,
+        };
+    }
+    Ok(sustained)
+}
+
+pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
+    let systems: Vec<System> = match args.baseline {
+        Some(crate::bench::Baseline::Python) => vec![System::Verdict, System::Python],
+        None => vec![System::Verdict],
+    };
+    let model = match &args.model {
+        Some(m) => m
+            .canonicalize()
+            .with_context(|| format!("--model {}", m.display()))?,
+        None => Config::parse(EXAMPLE_CONFIG, &example_config_dir())?.workloads[0]
+            .model
+            .canonicalize()?,
+    };
+    let model_name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!(
+        "verdict bench, open loop: fraud workload, model {model_name}, {} measured transactions per rate ({} s per search probe) after {} warm-up, each system a separate process on a fresh broker and Redis ({} cores)",
+        args.count,
+        args.probe_seconds,
+        args.warmup,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+
+    let mut fixed: Vec<Probe> = Vec::new();
+    let mut mismatches = Vec::new();
+    for &rate in rates {
+        let base = crate::workload::now_ms();
+        let mut at_rate = Vec::new();
+        for &system in &systems {
+            at_rate.push(probe(args, system, rate, args.count, &model, base).await?);
+        }
+        if let [a, b] = at_rate.as_slice() {
+            let (differ, gap) = differing(a, b);
+            println!(
+                "  {rate:.0} tx/s: {differ} decisions differ between verdict and Python (largest score gap {gap:.2e})"
+            );
+            if differ > 0 {
+                mismatches.push((rate, differ));
+            }
+        }
+        fixed.extend(at_rate);
+    }
+
+    let mut searched = Vec::new();
+    let mut max_rates = Vec::new();
+    if args.find_max_rate {
+        for &system in &systems {
+            let start = rates.iter().copied().fold(4_000.0, f64::max);
+            println!(
+                "  searching the maximum sustainable rate of {} from {start:.0} tx/s",
+                system.name()
+            );
+            let max = find_max_rate(args, system, start, &model, &mut searched).await?;
+            max_rates.push((system, max));
+        }
+    }
+
+    println!();
+    println!("offered rate   system    decided/s   p50 ms   p99 ms  p99.9 ms   max ms  CPU µs/dec  peak RSS MiB");
+    for p in &fixed {
+        let [p50, p99, p999, max] = p.latency_ms;
+        println!(
+            "  {:>9.0}   {:7} {:>11.0} {p50:>8.1} {p99:>8.1} {p999:>9.1} {max:>8.1} {:>11.1} {:>13.0}{}",
+            p.offered_per_s,
+            p.system.name(),
+            p.throughput_per_s,
+            p.cpu_us_per_decision,
+            p.peak_rss_mib,
+            if p.sustained { "" } else { "  (not sustained)" }
+        );
+    }
+    for &rate in rates {
+        let at = |s: System| {
+            fixed
+                .iter()
+                .find(|p| p.offered_per_s == rate && p.system == s)
+        };
+        if let (Some(v), Some(py)) = (at(System::Verdict), at(System::Python)) {
+            println!(
+                "  {rate:>9.0}   Python/verdict: CPU per decision {:.1}×, p99 {:.1}×",
+                py.cpu_us_per_decision / v.cpu_us_per_decision.max(1e-9),
+                py.latency_ms[1] / v.latency_ms[1].max(1e-9)
+            );
+        }
+    }
+    for (system, max) in &max_rates {
+        match max {
+            Some(r) => println!("maximum sustainable rate, {}: {r:.0} tx/s", system.name()),
+            None => println!(
+                "maximum sustainable rate, {}: below every rate probed",
+                system.name()
+            ),
+        }
+    }
+    if let [(_, Some(v)), (_, Some(py))] = max_rates.as_slice() {
+        println!("  verdict/Python: {:.1}×", v / py);
+    }
+    if let Some(path) = &args.out {
+        let report = json!({
+            "workload": "fraud",
+            "model": model_name,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+            "warmup": args.warmup,
+            "fixed_rates": fixed,
+            "max_rate_search": searched,
+            "max_sustainable_rate": max_rates.iter().map(|(s, r)| json!({"system": s, "rate_per_s": r})).collect::<Vec<_>>(),
+            "decision_mismatches": mismatches.iter().map(|(r, n)| json!({"rate": r, "transactions": n})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("results written to {}", path.display());
+    }
+    anyhow::ensure!(
+        mismatches.is_empty(),
+        "verdict and the baseline decided differently: {mismatches:?} (rate, transactions)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(extra.iter().copied())).bench
+    }
+
+    #[test]
+    fn the_process_config_is_the_fraud_workload_doing_the_baselines_work() {
+        let gbt = example_config_dir().join("../../scorers/models/fraud-gbt");
+        let text = process_config(
+            &args(&["--batch-mode", "adaptive", "--max-rows", "256"]),
+            &gbt,
+        )
+        .unwrap();
+        let config = Config::parse(&text, Path::new("/nonexistent")).unwrap();
+        assert_eq!(config.workloads.len(), 1);
+        let fraud = &config.workloads[0];
+        assert_eq!(fraud.name, "fraud");
+        assert!(fraud.deadline.is_none());
+        assert!(fraud.drift.is_none());
+        assert_eq!(fraud.model, gbt);
+        assert_eq!(fraud.batch.mode, BatchMode::Adaptive);
+        assert_eq!(fraud.batch.max_rows, 256);
+        assert_eq!(config.redis.response_timeout, Duration::from_secs(2));
+    }
+
+    fn probe(first_tenth_ms: f64, last_tenth_ms: f64, decided: usize, produce_s: f64) -> Probe {
+        Probe {
+            system: System::Verdict,
+            offered_per_s: 1_000.0,
+            sent: 10_000,
+            decided,
+            duplicates: 0,
+            throughput_per_s: 1_000.0,
+            latency_ms: [1.0; 4],
+            latency_first_tenth_ms: first_tenth_ms,
+            latency_last_tenth_ms: last_tenth_ms,
+            produce_seconds: produce_s,
+            cpu_seconds: 1.0,
+            cpu_us_per_decision: 100.0,
+            peak_rss_mib: 1.0,
+            rss_after_1_min_mib: 1.0,
+            rss_at_end_mib: 1.0,
+            sustained: false,
+            decisions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_rate_is_sustained_only_with_every_decision_a_bounded_backlog_and_the_load_offered() {
+        assert_eq!(probe(3.0, 4.0, 10_000, 10.0).why_not_sustained(), None);
+        // Jitter of a few ms at low latency is not a growing backlog.
+        assert_eq!(probe(2.0, 20.0, 10_000, 10.0).why_not_sustained(), None);
+        assert!(probe(3.0, 400.0, 10_000, 10.0)
+            .why_not_sustained()
+            .unwrap()
+            .contains("backlog grew"));
+        assert!(probe(3.0, 4.0, 9_999, 10.0)
+            .why_not_sustained()
+            .unwrap()
+            .contains("1 undecided"));
+        assert!(probe(3.0, 4.0, 10_000, 12.0)
+            .why_not_sustained()
+            .unwrap()
+            .contains("load generator behind"));
+    }
+}
