@@ -7,6 +7,9 @@
 //!
 //! In self-contained mode the process CPU time it prints includes the load generator and the
 //! measuring consumer, so CPU per decision is an upper bound for the pipeline alone.
+//! `--rates` / `--find-max-rate` (open_loop.rs) and `--processes` (scale_out.rs) run the
+//! pipeline as separate processes and bill it alone; `--baseline python` compares it with
+//! the Python stack (baseline.rs, or open_loop.rs with `--rates`).
 
 use std::time::Duration;
 
@@ -67,8 +70,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
     /// Compare with a baseline in the same run: `python` drains the same backlog with
-    /// verdict and with pipeline/bench/baseline.py, checks both decide alike, and prints
-    /// both systems' figures and the ratios (see `baseline.rs`).
+    /// verdict and with pipeline/bench/baseline.py (see `baseline.rs`), or with `--rates`
+    /// / `--find-max-rate` drives both open loop (see `open_loop.rs`); either way it checks
+    /// both decide alike and prints both systems' figures and the ratios.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
     /// Open loop, each system a separate process on a fresh broker and Redis: one probe per

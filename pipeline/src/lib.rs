@@ -18,7 +18,9 @@
 //! - [`generator`]: synthetic cards, merchants and transactions (demo, bench, tests);
 //! - [`local_stack`]: starts a Kafka-protocol broker (Tansu) and `redis-server` on free ports;
 //! - [`driver`]: produces transactions and measures decisions (demo, bench);
-//! - [`demo`], [`bench`]: the commands.
+//! - [`demo`], [`bench`]: the commands; [`baseline`] (drain against the Python stack),
+//!   [`open_loop`] (fixed offered rates and the maximum sustainable rate, each system a
+//!   [`measured_process`]) and [`scale_out`] are the bench's modes.
 
 pub mod baseline;
 pub mod bench;
