@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--model", required=True, help="model directory (model.onnx + model.json)")
     ap.add_argument("--repo", default=os.path.join(os.path.dirname(__file__), "../.."))
     ap.add_argument("--max-batch", type=int, default=512)
+    ap.add_argument("--fetch-wait-ms", type=int, default=25, help="consumer fetch.wait.max.ms")
     ap.add_argument("--expect", type=int, help="stop after this many messages (default: at SIGTERM)")
     args = ap.parse_args()
 
@@ -123,7 +124,7 @@ def main():
             "group.id": args.group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 25,  # as verdict's consumer
+            "fetch.wait.max.ms": args.fetch_wait_ms,  # as verdict's consumer
         }
     )
     producer = Producer(

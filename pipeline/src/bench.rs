@@ -46,6 +46,14 @@ pub struct BenchArgs {
     /// produce requests alone and the figures measure it, not verdict.
     #[arg(long, default_value_t = 5)]
     pub producer_linger_ms: u32,
+    /// `fetch.wait.max.ms` of every consumer in the run: the pipeline's, the Python
+    /// baseline's (with `--rates`) and the measuring consumer's. On Apache Kafka it only
+    /// bounds how long an empty fetch waits. The test broker (Tansu 0.6) holds *every* fetch
+    /// this long, data or not (tansu-storage's `FetchService` sleeps the rest of the wait
+    /// after reading), so there it is a latency floor of each consumer hop, bought with one
+    /// fetch round trip per wait of CPU on both sides.
+    #[arg(long, default_value_t = 25)]
+    pub fetch_wait_ms: u32,
     /// Transactions sent (at the same rate) and not measured before the measured run, so the
     /// figures are steady state: the first batches pay for offset lookups, connection set-up
     /// and ONNX Runtime's first run.
@@ -84,6 +92,11 @@ pub struct BenchArgs {
     /// per probe).
     #[arg(long)]
     pub find_max_rate: bool,
+    /// With `--rates`: first measure one broker hop alone at each rate (load generator →
+    /// broker → measuring consumer, no system in between), the latency floor under both
+    /// systems, since a decision takes two such hops.
+    #[arg(long)]
+    pub broker_hop: bool,
     /// Seconds of load per probe of the maximum-rate search.
     #[arg(long, default_value_t = 10.0)]
     pub probe_seconds: f64,
@@ -218,6 +231,10 @@ async fn run_once(
             if let Some(model) = &args.model {
                 config.workloads[0].model = model.canonicalize()?;
             }
+            config
+                .kafka
+                .consumer_properties
+                .insert("fetch.wait.max.ms".into(), args.fetch_wait_ms.to_string());
             match drift {
                 Some(false) => config.workloads[0].drift = None,
                 Some(true) if config.workloads[0].drift.is_none() => anyhow::bail!(
@@ -256,20 +273,16 @@ async fn run_once(
         args.producer_linger_ms
     );
     let spec = DriveSpec {
-        brokers,
-        input_topic: EXAMPLE_TOPICS[0].0.into(),
-        decisions_topic: EXAMPLE_TOPICS[1].0.into(),
-        count: args.count,
         rate_per_sec: args.rate,
-        run_id,
-        seed: 11,
-        unknown_card_rate: 0.03,
-        bad_messages: Vec::new(),
-        print_samples: 0,
-        settle_timeout: Duration::from_secs(60),
         producer_linger_ms: args.producer_linger_ms,
-        event_time_base_ms: None,
-        key_by_card: false,
+        fetch_wait_ms: args.fetch_wait_ms,
+        ..DriveSpec::new(
+            brokers,
+            EXAMPLE_TOPICS[0].0,
+            EXAMPLE_TOPICS[1].0,
+            args.count,
+            run_id,
+        )
     };
     let (world, spec) = if args.warmup > 0 {
         let warmup = DriveSpec {

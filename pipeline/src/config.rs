@@ -125,11 +125,13 @@ impl KafkaConfig {
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
-            // How long the broker may hold a fetch that finds no new data. Kafka answers a
-            // fetch as soon as data arrives (fetch.min.bytes 1), so this is the rate of
-            // empty fetches when idle, not a latency floor. 5 ms made the consumer's broker
-            // thread take 18% of a core at 2,000 tx/s on the test broker (Tansu); 25 ms took
-            // 71 instead of 125 µs of CPU per decision there, with the same p50 and a lower p99.
+            // How long the broker may hold a fetch that finds no new data. Apache Kafka
+            // answers a fetch as soon as data arrives (fetch.min.bytes 1), so there this is
+            // the rate of empty fetches when idle, not a latency floor. The test broker
+            // (Tansu 0.6) holds every fetch this long, so there it is one. 5 ms made the
+            // consumer's broker thread take 18% of a core at 2,000 tx/s on Tansu; 25 ms took
+            // 71 instead of 125 µs of CPU per decision. Latency-bound deployments on Tansu
+            // lower it in `consumer-properties`.
             .set("fetch.wait.max.ms", "25")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")

@@ -121,21 +121,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bad.len()
     );
     let spec = DriveSpec {
-        brokers: stack.kafka_bootstrap.clone(),
-        input_topic: workload.input_topic.clone(),
-        decisions_topic: workload.decisions_topic.clone(),
-        count: args.count,
         rate_per_sec: Some(args.rate),
-        run_id: format!("demo{}", std::process::id()),
         seed: 7,
-        unknown_card_rate: 0.03,
         bad_messages: bad,
         print_samples: args.samples,
         settle_timeout: std::time::Duration::from_secs(30),
-        // Fewer, larger produce requests: the local broker's CPU goes to the stream.
-        producer_linger_ms: 5,
-        event_time_base_ms: None,
-        key_by_card: false,
+        ..DriveSpec::new(
+            stack.kafka_bootstrap.clone(),
+            workload.input_topic.clone(),
+            workload.decisions_topic.clone(),
+            args.count,
+            format!("demo{}", std::process::id()),
+        )
     };
     let drive_report = tokio::task::spawn_blocking(move || drive(&world, &spec)).await??;
 

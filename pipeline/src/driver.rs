@@ -50,6 +50,38 @@ pub struct DriveSpec {
     /// Key input messages by card id (each card's payments in order on one partition, as
     /// payment systems partition) rather than by transaction id.
     pub key_by_card: bool,
+    /// `fetch.wait.max.ms` of the measuring consumer (see `BenchArgs::fetch_wait_ms`).
+    pub fetch_wait_ms: u32,
+}
+
+impl DriveSpec {
+    /// `count` transactions as fast as the producer goes, keyed by transaction id with wall
+    /// clock event times, 3% of them for unknown cards; the fields are public for the rest.
+    pub fn new(
+        brokers: impl Into<String>,
+        input_topic: impl Into<String>,
+        decisions_topic: impl Into<String>,
+        count: usize,
+        run_id: impl Into<String>,
+    ) -> Self {
+        DriveSpec {
+            brokers: brokers.into(),
+            input_topic: input_topic.into(),
+            decisions_topic: decisions_topic.into(),
+            count,
+            rate_per_sec: None,
+            run_id: run_id.into(),
+            seed: 11,
+            unknown_card_rate: 0.03,
+            bad_messages: Vec::new(),
+            print_samples: 0,
+            settle_timeout: Duration::from_secs(60),
+            producer_linger_ms: 5,
+            event_time_base_ms: None,
+            key_by_card: false,
+            fetch_wait_ms: 25,
+        }
+    }
 }
 
 /// What was measured.
@@ -73,6 +105,11 @@ pub struct DriveReport {
     /// its backlog growing: the last tenth waited longer.
     pub latency_first_tenth_ms: f64,
     pub latency_last_tenth_ms: f64,
+    /// The latency split at the decision's Kafka timestamp (its CreateTime, stamped by the
+    /// system's producer when it hands the decision over), medians in ms: produce → decision
+    /// produced (input hop + the system's own work) and decision produced → arrival (output
+    /// hop). Millisecond resolution; the two clocks are this host's.
+    pub split_median_ms: [f64; 2],
 }
 
 impl DriveReport {
@@ -93,7 +130,7 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         .set("group.id", format!("verdict-driver-{}", spec.run_id))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "25")
+        .set("fetch.wait.max.ms", spec.fetch_wait_ms.to_string())
         .set("session.timeout.ms", "6000")
         .create()
         .map_err(kafka_err)?;
@@ -113,8 +150,15 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
             let _ = m;
         }
     }
+    // An assigned partition still has to look up its start offset and issue its first
+    // fetch; without this pause the first transaction's latency includes that (about 45 ms).
+    let settle = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < settle {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
 
     let clock = Instant::now();
+    let clock_wall_us = now_ms() as f64 * 1000.0;
     let producing_done = Arc::new(AtomicBool::new(false));
     let producer_thread = {
         let spec = spec.clone();
@@ -128,6 +172,8 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
 
     let prefix = format!("{}-", spec.run_id);
     let mut arrival_us: Vec<u64> = vec![u64::MAX; spec.count];
+    // The decision's Kafka timestamp, µs on `clock`.
+    let mut decision_created_us: Vec<Option<f64>> = vec![None; spec.count];
     let mut decided = 0usize;
     let mut duplicates = 0usize;
     let mut outcomes: HashMap<String, u64> = HashMap::new();
@@ -162,6 +208,10 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
             continue;
         }
         arrival_us[seq] = now.duration_since(clock).as_micros() as u64;
+        decision_created_us[seq] = message
+            .timestamp()
+            .to_millis()
+            .map(|ms| ms as f64 * 1000.0 - clock_wall_us);
         decided += 1;
         last_arrival = now;
         let payload: serde_json::Value = message
@@ -206,7 +256,20 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
             .get(waits.len() / 2)
             .map_or(f64::NAN, |us| *us as f64 / 1000.0)
     };
+    let mut upstream_us = Vec::new();
+    let mut downstream_us = Vec::new();
+    for (i, created) in decision_created_us.iter().enumerate() {
+        if let Some(created) = created {
+            upstream_us.push(created - send_us[i] as f64);
+            downstream_us.push(arrival_us[i] as f64 - created);
+        }
+    }
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_unstable_by(f64::total_cmp);
+        v.get(v.len() / 2).map_or(f64::NAN, |us| us / 1000.0)
+    };
     Ok(DriveReport {
+        split_median_ms: [median_of(upstream_us), median_of(downstream_us)],
         sent: spec.count,
         decided,
         duplicates,
@@ -232,6 +295,12 @@ fn produce(
         .set("linger.ms", spec.producer_linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .create()
+        .map_err(kafka_err)?;
+    // Connect and learn the partition leaders before the first measured send: otherwise the
+    // first transaction's latency is the producer's start-up (about 100 ms on Tansu).
+    producer
+        .client()
+        .fetch_metadata(Some(&spec.input_topic), Duration::from_secs(10))
         .map_err(kafka_err)?;
     let mut stream = world.transactions(spec.seed, &spec.run_id, spec.unknown_card_rate);
     let mut send_us = Vec::with_capacity(spec.count);

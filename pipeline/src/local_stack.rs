@@ -21,6 +21,12 @@ use crate::PipelineError;
 
 /// Environment variable overriding where the `tansu` binary is.
 pub const TANSU_ENV: &str = "VERDICT_TANSU";
+/// Environment variable overriding Tansu's storage engine URL (default `memory://tansu/`).
+/// Tansu runs in the stack's own temporary folder, so a relative SQLite file lands there and
+/// goes with it: `sqlite://tansu.db`, for a Tansu built with its `libsql` feature (the wheel's
+/// is not). The memory engine lists every stored batch on each fetch, so its fetches slow down
+/// as records accumulate and it cannot carry minutes of load; the soak needs SQLite.
+pub const TANSU_STORAGE_ENV: &str = "VERDICT_TANSU_STORAGE";
 
 /// A running broker + Redis pair.
 pub struct LocalStack {
@@ -130,6 +136,8 @@ impl LocalStack {
         let binary = find_tansu()?;
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
+        let storage =
+            std::env::var(TANSU_STORAGE_ENV).unwrap_or_else(|_| "memory://tansu/".to_string());
         let child = Command::new(&binary)
             .args([
                 "broker",
@@ -138,8 +146,9 @@ impl LocalStack {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "memory://tansu/",
+                &storage,
             ])
+            .current_dir(self.logs.path())
             .stdout(self.log_file("tansu.log")?)
             .stderr(self.log_file("tansu.err.log")?)
             .spawn()

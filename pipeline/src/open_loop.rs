@@ -39,6 +39,7 @@ use crate::config::{example_config_dir, BatchMode, Config, EXAMPLE_CONFIG};
 use crate::demo::{local_setup, EXAMPLE_TOPICS};
 use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
 use crate::measured_process::MeasuredProcess;
+use crate::scrape::{self, Sample};
 
 /// Decisions of two systems agree when the scores differ by at most this much.
 const SCORE_TOLERANCE: f64 = 1e-5;
@@ -76,6 +77,9 @@ struct Probe {
     latency_ms: [f64; 4],
     latency_first_tenth_ms: f64,
     latency_last_tenth_ms: f64,
+    /// Medians, ms: produce → decision produced (input hop + the system's work), decision
+    /// produced → arrival (output hop); see `DriveReport::split_median_ms`.
+    split_median_ms: [f64; 2],
     /// The load generator's own pace: it met the offered rate if this is ≈ sent / rate.
     produce_seconds: f64,
     cpu_seconds: f64,
@@ -133,7 +137,12 @@ fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
         if skipping {
             continue;
         }
-        let line = if line.starts_with("model = ") {
+        let line = if line.starts_with("group-id = ") {
+            format!(
+                "{line}\nconsumer-properties = {{ \"fetch.wait.max.ms\" = \"{}\" }}",
+                args.fetch_wait_ms
+            )
+        } else if line.starts_with("model = ") {
             format!("model = {:?}", model.display().to_string())
         } else if line.starts_with("response-timeout = ") {
             "response-timeout = \"2s\"".to_string()
@@ -244,30 +253,30 @@ async fn probe(
                 .args(["--brokers", &stack.kafka_bootstrap])
                 .args(["--redis", &stack.redis_url])
                 .args(["--input", EXAMPLE_TOPICS[0].0, "--output", decisions_topic])
-                .args(["--group", "baseline.fraud", "--model"])
+                .args(["--group", "baseline.fraud"])
+                .args(["--fetch-wait-ms", &args.fetch_wait_ms.to_string()])
+                .arg("--model")
                 .arg(model);
             MeasuredProcess::spawn(command, &log).context("starting the Python baseline")?
         }
     };
 
     let spec = DriveSpec {
-        brokers: stack.kafka_bootstrap.clone(),
-        input_topic: EXAMPLE_TOPICS[0].0.into(),
-        decisions_topic: decisions_topic.into(),
-        count,
         rate_per_sec: Some(rate),
-        run_id: format!("open-loop-{rate:.0}"),
-        seed: 11,
-        unknown_card_rate: 0.03,
-        bad_messages: Vec::new(),
-        print_samples: 0,
-        settle_timeout: Duration::from_secs(60),
         producer_linger_ms: args.producer_linger_ms,
         // The warm-up's event times come first, then the measured run's.
         event_time_base_ms: Some(
             event_time_base_ms + (args.warmup as f64 * 1000.0 / rate) as i64 + 1_000,
         ),
         key_by_card: true,
+        fetch_wait_ms: args.fetch_wait_ms,
+        ..DriveSpec::new(
+            stack.kafka_bootstrap.clone(),
+            EXAMPLE_TOPICS[0].0,
+            decisions_topic,
+            count,
+            format!("open-loop-{rate:.0}"),
+        )
     };
     let warmup = DriveSpec {
         count: args.warmup,
@@ -291,9 +300,13 @@ async fn probe(
         }
         let stop = Arc::new(AtomicBool::new(false));
         let rss = sample_rss(process.pid(), Arc::clone(&stop));
+        let timers_before = process.scrape().ok();
         let cpu_before = process.cpu_seconds().context("reading the process's CPU")?;
         let report: DriveReport = drive(&world, &spec)?;
         let cpu_after = process.cpu_seconds().context("reading the process's CPU")?;
+        if let (Some(before), Ok(after)) = (timers_before, process.scrape()) {
+            println!("{}", own_timers(&before, &after));
+        }
         stop.store(true, Ordering::Relaxed);
         let rss = std::mem::take(&mut *rss.lock().unwrap_or_else(|e| e.into_inner()));
         Ok((report, cpu_after - cpu_before, rss))
@@ -318,6 +331,7 @@ async fn probe(
         latency_ms: percentiles_ms(&report.latency_us),
         latency_first_tenth_ms: report.latency_first_tenth_ms,
         latency_last_tenth_ms: report.latency_last_tenth_ms,
+        split_median_ms: report.split_median_ms,
         produce_seconds: report.produce_elapsed.as_secs_f64(),
         cpu_seconds,
         cpu_us_per_decision: cpu_seconds * 1e6 / report.decided.max(1) as f64,
@@ -332,13 +346,49 @@ async fn probe(
     Ok(probe)
 }
 
+/// verdict's own view of the measured part, from its metrics before and after: rows per
+/// batch, mean time per batch in each stage, and mean consume → delivery per decision.
+fn own_timers(before: &[Sample], after: &[Sample]) -> String {
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        scrape::sum(after, name, labels) - scrape::sum(before, name, labels)
+    };
+    let batches = delta("verdict_batch_messages_count", &[]);
+    let rows = delta("verdict_batch_messages_sum", &[]);
+    let mut stages: Vec<&str> = after
+        .iter()
+        .filter(|s| s.name == "verdict_stage_duration_seconds_count")
+        .filter_map(|s| s.labels.get("stage").map(String::as_str))
+        .collect();
+    stages.dedup();
+    let per_stage: Vec<String> = stages
+        .iter()
+        .map(|stage| {
+            let labels = [("stage", *stage)];
+            let seconds = delta("verdict_stage_duration_seconds_sum", &labels);
+            let count = delta("verdict_stage_duration_seconds_count", &labels);
+            format!("{stage} {:.2}", seconds * 1e3 / count.max(1.0))
+        })
+        .collect();
+    let from_consume = [("from", "consume")];
+    let consume_to_delivery_ms = delta("verdict_end_to_end_latency_seconds_sum", &from_consume)
+        * 1e3
+        / delta("verdict_end_to_end_latency_seconds_count", &from_consume).max(1.0);
+    format!(
+        "    verdict's timers: {batches:.0} batches of {:.1} rows; mean ms per batch: {}; consume → delivered {consume_to_delivery_ms:.1} ms mean",
+        rows / batches.max(1.0),
+        per_stage.join(", "),
+    )
+}
+
 fn print_probe(p: &Probe) {
     let [p50, p99, p999, max] = p.latency_ms;
     println!(
-        "  {:7} {:>7.0} tx/s offered: {:>7.0} decided/s  p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {max:.1} ms  CPU {:.1} µs/decision  RSS peak {:.0} MiB (1 min {:.0}, end {:.0})  {}",
+        "  {:7} {:>7.0} tx/s offered: {:>7.0} decided/s  p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {max:.1} ms (median split at the decision's produce: {:.1} + {:.1} ms)  CPU {:.1} µs/decision  RSS peak {:.0} MiB (1 min {:.0}, end {:.0})  {}",
         p.system.name(),
         p.offered_per_s,
         p.throughput_per_s,
+        p.split_median_ms[0],
+        p.split_median_ms[1],
         p.cpu_us_per_decision,
         p.peak_rss_mib,
         p.rss_after_1_min_mib,
@@ -348,6 +398,46 @@ fn print_probe(p: &Probe) {
             Some(why) => format!("NOT sustained ({why})"),
         }
     );
+}
+
+/// One broker hop on its own, as the floor under both systems' latency: the load generator
+/// produces to the input topic at `rate` and the measuring consumer reads the input topic
+/// itself (no system in between), on a fresh broker, with the same client settings.
+async fn broker_hop(args: &BenchArgs, rate: f64) -> anyhow::Result<serde_json::Value> {
+    let (stack, world, _) = local_setup(args.cards, 2_000).await?;
+    let spec = DriveSpec {
+        rate_per_sec: Some(rate),
+        producer_linger_ms: args.producer_linger_ms,
+        fetch_wait_ms: args.fetch_wait_ms,
+        ..DriveSpec::new(
+            stack.kafka_bootstrap.clone(),
+            EXAMPLE_TOPICS[0].0,
+            EXAMPLE_TOPICS[0].0,
+            args.count,
+            format!("hop-{rate:.0}"),
+        )
+    };
+    let warmup = DriveSpec {
+        count: args.warmup,
+        run_id: format!("{}w", spec.run_id),
+        ..spec.clone()
+    };
+    let report = tokio::task::block_in_place(|| -> anyhow::Result<DriveReport> {
+        drive(&world, &warmup)?;
+        Ok(drive(&world, &spec)?)
+    })?;
+    drop(stack);
+    let [p50, p99, p999, max] = percentiles_ms(&report.latency_us);
+    println!(
+        "  one broker hop {rate:>7.0} tx/s: {} of {} arrived  p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {max:.1} ms",
+        report.decided, report.sent
+    );
+    Ok(json!({
+        "offered_per_s": rate,
+        "sent": report.sent,
+        "arrived": report.decided,
+        "latency_ms": [p50, p99, p999, max],
+    }))
 }
 
 /// Transactions whose decisions differ between two probes of the same spec.
@@ -422,6 +512,12 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
 
+    let mut hops = Vec::new();
+    if args.broker_hop {
+        for &rate in rates {
+            hops.push(broker_hop(args, rate).await?);
+        }
+    }
     let mut fixed: Vec<Probe> = Vec::new();
     let mut mismatches = Vec::new();
     for &rate in rates {
@@ -502,6 +598,9 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
             "model": model_name,
             "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
             "warmup": args.warmup,
+            "fetch_wait_ms": args.fetch_wait_ms,
+            "load_generator_linger_ms": args.producer_linger_ms,
+            "broker_hop": hops,
             "fixed_rates": fixed,
             "max_rate_search": searched,
             "max_sustainable_rate": max_rates.iter().map(|(s, r)| json!({"system": s, "rate_per_s": r})).collect::<Vec<_>>(),
@@ -536,7 +635,14 @@ mod tests {
     fn the_process_config_is_the_fraud_workload_doing_the_baselines_work() {
         let gbt = example_config_dir().join("../../scorers/models/fraud-gbt");
         let text = process_config(
-            &args(&["--batch-mode", "adaptive", "--max-rows", "256"]),
+            &args(&[
+                "--batch-mode",
+                "adaptive",
+                "--max-rows",
+                "256",
+                "--fetch-wait-ms",
+                "3",
+            ]),
             &gbt,
         )
         .unwrap();
@@ -550,6 +656,10 @@ mod tests {
         assert_eq!(fraud.batch.mode, BatchMode::Adaptive);
         assert_eq!(fraud.batch.max_rows, 256);
         assert_eq!(config.redis.response_timeout, Duration::from_secs(2));
+        assert_eq!(
+            config.kafka.consumer("g").get("fetch.wait.max.ms"),
+            Some("3")
+        );
     }
 
     fn probe(first_tenth_ms: f64, last_tenth_ms: f64, decided: usize, produce_s: f64) -> Probe {
@@ -563,6 +673,7 @@ mod tests {
             latency_ms: [1.0; 4],
             latency_first_tenth_ms: first_tenth_ms,
             latency_last_tenth_ms: last_tenth_ms,
+            split_median_ms: [1.0; 2],
             produce_seconds: produce_s,
             cpu_seconds: 1.0,
             cpu_us_per_decision: 100.0,

@@ -130,20 +130,18 @@ pub async fn run(args: &BenchArgs, counts: &[usize]) -> anyhow::Result<()> {
             }
         })?;
         let spec = DriveSpec {
-            brokers: stack.kafka_bootstrap.clone(),
-            input_topic: input.into(),
-            decisions_topic: decisions_topic.into(),
-            count: args.count,
             rate_per_sec: args.rate,
-            run_id: format!("scale{}-{n}", std::process::id()),
             seed: 11 + n as u64,
-            unknown_card_rate: 0.03,
-            bad_messages: Vec::new(),
-            print_samples: 0,
             settle_timeout: Duration::from_secs(120),
             producer_linger_ms: args.producer_linger_ms,
-            event_time_base_ms: None,
-            key_by_card: false,
+            fetch_wait_ms: args.fetch_wait_ms,
+            ..DriveSpec::new(
+                stack.kafka_bootstrap.clone(),
+                input,
+                decisions_topic,
+                args.count,
+                format!("scale{}-{n}", std::process::id()),
+            )
         };
         let warmup = DriveSpec {
             count: args.warmup,
