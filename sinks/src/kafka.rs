@@ -1,83 +1,36 @@
-//! Kafka sink: one producer shared by every workload of the process.
+//! Kafka sink: a `FutureProducer` shared by every workload of the process.
 //!
-//! Every record of a batch is enqueued at once and the returned [`Delivery`] resolves when
-//! all their delivery reports are in, so a batch costs one produce round trip, not one per
-//! record, and the next batch can be enqueued while this one is being acknowledged.
-//! librdkafka retries transient errors itself (up to `message.timeout.ms`); an error that
-//! surfaces here fails the batch, and the topology, which alone decides, retries it. An
-//! idempotent producer's timed-out message may still have been written, so a retry can
-//! duplicate: delivery is at least once.
-//!
-//! The records of one batch share one [`BatchDelivery`] as their delivery opaque: a report
-//! costs an atomic decrement, and the batch's waiter is woken once. (rdkafka's
-//! `FutureProducer` allocates a channel per record and wakes a future per report.)
+//! Every record of a batch is enqueued at once and the returned [`Delivery`] awaits all their
+//! delivery reports together, so a batch costs one produce round trip, not one per record,
+//! and the next batch can be enqueued while this one is being acknowledged. librdkafka retries transient
+//! errors itself (up to `message.timeout.ms`); an error that surfaces here fails the batch, and
+//! the topology, which alone decides, retries it. An idempotent producer's timed-out message
+//! may still have been written, so a retry can duplicate: delivery is at least once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::client::ClientContext;
+use futures::future::join_all;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use tokio::sync::oneshot;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::sink::{Delivery, OutRecord, Sink};
 use crate::{Result, SinkError};
 
-/// The delivery bookkeeping of one [`Sink::send`]: records not yet reported, and the
-/// waiter, told once: at the first failure or when the last record is acknowledged.
-struct BatchDelivery {
-    outstanding: AtomicUsize,
-    waiter: Mutex<Option<oneshot::Sender<Result<()>>>>,
-}
-
-impl BatchDelivery {
-    fn tell(&self, outcome: Result<()>) {
-        let waiter = self.waiter.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(waiter) = waiter {
-            // The batch's Delivery may have been dropped (shutdown): nobody to tell.
-            let _ = waiter.send(outcome);
-        }
-    }
-}
-
-/// Routes each delivery report to its batch.
-struct BatchReports;
-
-impl ClientContext for BatchReports {}
-
-impl ProducerContext for BatchReports {
-    type DeliveryOpaque = Arc<BatchDelivery>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, batch: Arc<BatchDelivery>) {
-        match result {
-            Ok(_) => {
-                if batch.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    batch.tell(Ok(()));
-                }
-            }
-            Err((e, message)) => batch.tell(Err(SinkError::Delivery {
-                topic: message.topic().to_string(),
-                reason: e.to_string(),
-            })),
-        }
-    }
-}
-
 /// Produces records to Kafka.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: Arc<ThreadedProducer<BatchReports>>,
+    producer: FutureProducer,
 }
 
 impl KafkaSink {
     /// `config` holds librdkafka properties, passed through untouched.
     pub fn new(config: &ClientConfig) -> Result<Self> {
         Ok(Self {
-            producer: Arc::new(config.create_with_context(BatchReports)?),
+            producer: config.create()?,
         })
     }
 
@@ -90,14 +43,7 @@ impl KafkaSink {
 #[async_trait]
 impl Sink for KafkaSink {
     async fn send(&self, records: &[OutRecord]) -> Result<Delivery> {
-        if records.is_empty() {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
-        }
-        let (waiter, delivered) = oneshot::channel();
-        let batch = Arc::new(BatchDelivery {
-            outstanding: AtomicUsize::new(records.len()),
-            waiter: Mutex::new(Some(waiter)),
-        });
+        let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (key, value) in &record.headers {
@@ -106,35 +52,52 @@ impl Sink for KafkaSink {
                     value: Some(value),
                 });
             }
-            let mut base = BaseRecord::with_opaque_to(&record.topic, Arc::clone(&batch))
+            let mut future_record = FutureRecord::to(&record.topic)
                 .payload(&record.payload)
                 .headers(headers);
             if let Some(key) = &record.key {
-                base = base.key(key);
+                future_record = future_record.key(key);
             }
             loop {
-                match self.producer.send(base) {
-                    Ok(()) => break,
+                match self.producer.send_result(future_record) {
+                    Ok(delivery) => {
+                        deliveries.push((delivery, Arc::clone(&record.topic)));
+                        break;
+                    }
                     // The local queue is full: block (backpressure) until librdkafka drains it.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        base = back;
+                        future_record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    // The records already enqueued still get their reports; nobody waits.
                     Err((e, _)) => return Err(e.into()),
                 }
             }
         }
-        let topic = Arc::clone(&records[0].topic);
         Ok(Box::pin(async move {
-            match delivered.await {
-                Ok(outcome) => outcome,
-                // Every record's opaque was dropped unreported: the producer went away.
-                Err(_) => Err(SinkError::Delivery {
-                    topic: topic.to_string(),
-                    reason: "producer shut down before the delivery report".into(),
-                }),
+            let results = join_all(
+                deliveries
+                    .into_iter()
+                    .map(|(d, t)| async move { (d.await, t) }),
+            )
+            .await;
+            for (result, topic) in results {
+                match result {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        return Err(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            reason: e.to_string(),
+                        })
+                    }
+                    Err(_canceled) => {
+                        return Err(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            reason: "producer shut down before the delivery report".into(),
+                        })
+                    }
+                }
             }
+            Ok(())
         }))
     }
 }
@@ -142,7 +105,7 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Headers;
+    use rdkafka::message::{Headers, Message};
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
