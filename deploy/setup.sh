@@ -38,6 +38,18 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r deploy/requirements.txt
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/verdict/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+# The target dir is only a cache. A build that runs out of disk fails late and obscurely (the
+# linker dies with `signal 7 [Bus error]`), so when the disk is short of what a full build
+# writes, empty the cache first; stale artifacts of earlier builds are what fills it.
+need_gib=12
+free_gib() { df -Pk "$CARGO_TARGET_DIR" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+if [ "$(free_gib)" -lt "$need_gib" ]; then
+  echo "setup: $(free_gib) GiB free for $CARGO_TARGET_DIR, a build needs about $need_gib: emptying that cache"
+  rm -rf "$CARGO_TARGET_DIR"
+  mkdir -p "$CARGO_TARGET_DIR"
+  [ "$(free_gib)" -ge "$need_gib" ] || echo "setup: warning: still only $(free_gib) GiB free; the build may fail" >&2
+fi
 echo "setup: cargo build --release (target dir $CARGO_TARGET_DIR)"
 # --all-targets: the tests' dev-dependencies change feature sets, and building the same set
 # here lets `cargo test` reuse every artifact instead of compiling DataFusion twice.
