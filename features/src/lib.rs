@@ -19,7 +19,7 @@ pub mod velocity;
 pub use join::SqlJoin;
 pub use lookup::{EntityLookup, FeatureField, FeatureType, LookupStats, Lookups};
 pub use redis_store::{RedisConfig, RedisFeatureStore};
-pub use store::{FeatureStore, HashRead, InMemoryFeatureStore, StoreAnswer};
+pub use store::{FeatureStore, HashRead, HashValues, InMemoryFeatureStore, StoreAnswer};
 pub use tensor::{FeatureColumn, FeatureMatrix, Unscorable};
 pub use velocity::{InMemoryVelocity, VelocitySpec};
 

@@ -19,7 +19,7 @@ use arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 use verdict_schemas::columns::ROW_ID;
 
-use crate::store::{FeatureStore, HashRead};
+use crate::store::{FeatureStore, HashRead, HashValues};
 use crate::velocity::{VelocityPlan, VelocitySpec};
 use crate::{FeatureError, Result};
 
@@ -176,28 +176,28 @@ impl Lookups {
             .collect::<Result<Vec<_>>>()?;
         let updates: Vec<_> = velocity_plans.iter().map(|p| p.update.clone()).collect();
         let answer = store.fetch(&reads, &updates).await?;
-        let mut answers = answer.hashes.into_iter();
+        if answer.hashes.len() != reads.len() {
+            return Err(FeatureError::Output(format!(
+                "feature store answered {} of {} reads",
+                answer.hashes.len(),
+                reads.len()
+            )));
+        }
 
         let mut stats = LookupStats {
             keys_read: reads.len(),
             ..LookupStats::default()
         };
         let mut tables = Vec::with_capacity(self.lookups.len());
+        // The reads are the lookups' distinct keys, one lookup after the other.
+        let mut first_read = 0;
         for (lookup, plan) in self.lookups.iter().zip(&plans) {
-            let values: Vec<Vec<Option<String>>> =
-                answers.by_ref().take(plan.distinct.len()).collect();
-            if values.len() != plan.distinct.len() {
-                return Err(FeatureError::Output(format!(
-                    "feature store answered {} of {} reads",
-                    values.len(),
-                    reads.len()
-                )));
-            }
-            stats.entities_missing += values
-                .iter()
-                .filter(|v| v.iter().all(Option::is_none))
+            let reads_of_lookup = first_read..first_read + plan.distinct.len();
+            stats.entities_missing += reads_of_lookup
+                .filter(|&read| answer.hashes.read(read).all(|v| v.is_none()))
                 .count();
-            tables.push(plan.table(lookup, &values, &mut stats)?);
+            tables.push(plan.table(lookup, &answer.hashes, first_read, &mut stats)?);
+            first_read += plan.distinct.len();
         }
         for ((spec, plan), counts) in self
             .velocity
@@ -236,9 +236,8 @@ impl Lookups {
             .lookups
             .iter()
             .map(|lookup| {
-                let plan = KeyPlan::build(lookup, input)?;
-                let none = vec![vec![None; lookup.fields.len()]; plan.distinct.len()];
-                plan.table(lookup, &none, &mut stats)
+                // No reads answered: every value is missing.
+                KeyPlan::build(lookup, input)?.table(lookup, &HashValues::default(), 0, &mut stats)
             })
             .collect::<Result<Vec<_>>>()?;
         for spec in &self.velocity {
@@ -292,10 +291,12 @@ impl<'a> KeyPlan<'a> {
         })
     }
 
+    /// The lookup's table; `values` holds its distinct keys' reads from `first_read` on.
     fn table(
         &self,
         lookup: &EntityLookup,
-        values: &[Vec<Option<String>>],
+        values: &HashValues,
+        first_read: usize,
         stats: &mut LookupStats,
     ) -> Result<RecordBatch> {
         let rows = self.row_to_distinct.len();
@@ -303,35 +304,38 @@ impl<'a> KeyPlan<'a> {
         columns.push(Arc::new(UInt32Array::from_iter_values(0..rows as u32)));
         columns.push(Arc::new(self.keys.clone()));
         for (field_index, field) in lookup.fields.iter().enumerate() {
-            let value_at = |row: usize| -> Option<&str> {
-                self.row_to_distinct[row].and_then(|d| values[d][field_index].as_deref())
+            let value_at = |row: usize| -> Option<&[u8]> {
+                self.row_to_distinct[row].and_then(|d| values.get(first_read + d, field_index))
             };
             let column: ArrayRef = match field.kind {
                 FeatureType::Float64 => {
                     let mut b = Float64Builder::with_capacity(rows);
                     for row in 0..rows {
-                        b.append_option(parse(value_at(row), stats));
+                        let value = text(value_at(row), stats);
+                        b.append_option(parse(value, stats));
                     }
                     Arc::new(b.finish())
                 }
                 FeatureType::Int64 => {
                     let mut b = Int64Builder::with_capacity(rows);
                     for row in 0..rows {
-                        b.append_option(parse(value_at(row), stats));
+                        let value = text(value_at(row), stats);
+                        b.append_option(parse(value, stats));
                     }
                     Arc::new(b.finish())
                 }
                 FeatureType::Boolean => {
                     let mut b = BooleanBuilder::with_capacity(rows);
                     for row in 0..rows {
-                        b.append_option(parse_bool(value_at(row), stats));
+                        let value = text(value_at(row), stats);
+                        b.append_option(parse_bool(value, stats));
                     }
                     Arc::new(b.finish())
                 }
                 FeatureType::Utf8 => {
                     let mut b = StringBuilder::with_capacity(rows, rows * 8);
                     for row in 0..rows {
-                        b.append_option(value_at(row));
+                        b.append_option(text(value_at(row), stats));
                     }
                     Arc::new(b.finish())
                 }
@@ -339,6 +343,18 @@ impl<'a> KeyPlan<'a> {
             columns.push(column);
         }
         Ok(RecordBatch::try_new(lookup.table_schema(), columns)?)
+    }
+}
+
+/// A stored value as text. One that is not UTF-8 is counted as unparseable and read as
+/// missing, like a number that does not parse: bad data in one hash does not fail the batch.
+fn text<'v>(value: Option<&'v [u8]>, stats: &mut LookupStats) -> Option<&'v str> {
+    match std::str::from_utf8(value?) {
+        Ok(text) => Some(text),
+        Err(_) => {
+            stats.values_unparseable += 1;
+            None
+        }
     }
 }
 

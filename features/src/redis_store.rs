@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 
-use crate::store::{FeatureStore, HashRead, StoreAnswer};
+use crate::store::{FeatureStore, HashRead, HashValues, StoreAnswer};
 use crate::velocity::{decode_lua_reply, VelocityUpdate, VELOCITY_LUA};
 use crate::{FeatureError, Result};
 
@@ -74,6 +74,30 @@ impl RedisFeatureStore {
     }
 }
 
+/// Appends one `HMGET` reply to `into` as one read, copying each value's bytes into the batch's
+/// buffer rather than converting it to a `String` of its own.
+fn push_hmget_reply(reply: redis::Value, into: &mut HashValues) -> Result<()> {
+    use redis::Value;
+    if let Value::Array(items) = &reply {
+        if items
+            .iter()
+            .all(|item| matches!(item, Value::BulkString(_) | Value::Nil))
+        {
+            into.push_read(items.iter().map(|item| match item {
+                Value::BulkString(bytes) => Some(bytes.as_slice()),
+                _ => None,
+            }));
+            return Ok(());
+        }
+    }
+    // Anything else (an error reply such as WRONGTYPE, an unexpected type) goes through the
+    // crate's conversion for its error.
+    let values: Vec<Option<Vec<u8>>> =
+        redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+    into.push_read(values.iter().map(|v| v.as_deref()));
+    Ok(())
+}
+
 #[async_trait]
 impl FeatureStore for RedisFeatureStore {
     async fn fetch(
@@ -85,7 +109,7 @@ impl FeatureStore for RedisFeatureStore {
         let sent: Vec<&VelocityUpdate> = updates.iter().filter(|u| !u.events.is_empty()).collect();
         if reads.is_empty() && sent.is_empty() {
             return Ok(StoreAnswer {
-                hashes: Vec::new(),
+                hashes: HashValues::default(),
                 velocity: vec![Vec::new(); updates.len()],
             });
         }
@@ -127,11 +151,13 @@ impl FeatureStore for RedisFeatureStore {
             )));
         }
         let mut replies = replies.into_iter();
-        let mut answer = StoreAnswer::default();
+        let values = reads.iter().map(|r| r.fields.len()).sum();
+        let mut answer = StoreAnswer {
+            hashes: HashValues::with_capacity(reads.len(), values, values * 8),
+            velocity: Vec::with_capacity(updates.len()),
+        };
         for reply in replies.by_ref().take(reads.len()) {
-            answer
-                .hashes
-                .push(redis::from_redis_value(reply).map_err(redis::RedisError::from)?);
+            push_hmget_reply(reply, &mut answer.hashes)?;
         }
         for update in updates {
             let values: Vec<u8> = if update.events.is_empty() {
