@@ -3,6 +3,7 @@
 //! - [`store`]: the [`FeatureStore`] trait (one round trip for a whole batch) and an in-memory
 //!   test double;
 //! - [`redis_store`]: the Redis implementation (pipelined `HMGET`, timeouts, reconnects);
+//! - [`resp`]: the Redis protocol as verdict speaks it, parsed in place;
 //! - [`lookup`]: entity lookups → Arrow tables aligned to the input rows;
 //! - [`velocity`]: in-stream sliding-window counts and sums per entity, kept in Redis;
 //! - [`join`]: the workload's DataFusion SQL, planned once and re-executed per batch;
@@ -12,6 +13,7 @@
 pub mod join;
 pub mod lookup;
 pub mod redis_store;
+pub mod resp;
 pub mod store;
 pub mod tensor;
 pub mod velocity;
@@ -27,8 +29,14 @@ pub use velocity::{InMemoryVelocity, VelocitySpec};
 /// dead-letter); nothing here panics on I/O.
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
+    /// The Redis URL could not be understood.
     #[error("feature store: {0}")]
     Store(#[from] redis::RedisError),
+    /// Redis answered with an error, or with something that is not the protocol.
+    #[error("feature store: {0}")]
+    Reply(#[from] resp::ReplyError),
+    #[error("feature store connection: {0}")]
+    Connection(#[from] std::io::Error),
     #[error("feature store did not answer within {timeout_ms} ms")]
     StoreTimeout { timeout_ms: u128 },
     #[error("lookup `{lookup}`: key column `{column}`: {reason}")]

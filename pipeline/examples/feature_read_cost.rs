@@ -1,9 +1,13 @@
-//! What one batch's hash reads cost verdict and Redis, in CPU, for three read paths measured
+//! What one batch's hash reads cost verdict and Redis, in CPU, for four read paths measured
 //! in the same run:
-//! - **HMGET → String per value**: one `HMGET` per key in one pipeline, every value converted
-//!   to a `String` (what `RedisFeatureStore` did before, and what the Python baseline does);
-//! - **HMGET → one buffer** ([`RedisFeatureStore`] now): the same pipeline, every value copied
-//!   into one buffer per batch ([`HashValues`]);
+//! - **HMGET → String per value**: one `HMGET` per key in one pipeline through the redis
+//!   crate, every value converted to a `String` (what `RedisFeatureStore` did first, and what
+//!   the Python baseline does);
+//! - **HMGET → one buffer**: the same pipeline through the redis crate, every reply value
+//!   copied into one buffer per batch ([`HashValues`]; what `RedisFeatureStore` did next);
+//! - **own RESP reader** ([`RedisFeatureStore`] now): the same commands on verdict's own
+//!   connection, encoded straight into one write buffer, replies parsed in place into the
+//!   batch's buffer ([`verdict_features::resp`]);
 //! - **packed Lua read** (tried, not taken): the `HMGET`s run inside Redis by a Lua script that
 //!   packs every value into a single reply string, so the client parses one bulk string per
 //!   lookup instead of one per value. It cuts verdict's share and moves more than that onto
@@ -14,7 +18,7 @@
 //! Starts its own `redis-server` on a free port, loads the fraud world's card and merchant
 //! hashes, then runs the example fraud workload's lookups (card + merchant hashes; no
 //! velocity, which all paths would send alike) for real decoded batches, one batch at a time,
-//! as the pipeline's lookup stage does, alternating the paths in rounds. All three must build
+//! as the pipeline's lookup stage does, alternating the paths in rounds. All of them must build
 //! the same tables. For each batch size and path it prints, per batch:
 //! - wall time (median, p90);
 //! - this process's CPU (user + system from `/proc/self/stat`, over all iterations), which is
@@ -66,6 +70,46 @@ impl FeatureStore for PipelinedHmget {
         let mut hashes = HashValues::default();
         for reply in &replies {
             hashes.push_read(reply.iter().map(|v| v.as_deref().map(str::as_bytes)));
+        }
+        Ok(StoreAnswer {
+            hashes,
+            velocity: Vec::new(),
+        })
+    }
+}
+
+/// The read path before verdict's own RESP reader: the redis crate's pipeline and reply
+/// objects, each value copied into the batch's [`HashValues`].
+struct CrateHmgetBuffer {
+    connection: MultiplexedConnection,
+}
+
+#[async_trait]
+impl FeatureStore for CrateHmgetBuffer {
+    async fn fetch(
+        &self,
+        reads: &[HashRead<'_>],
+        _: &[VelocityUpdate],
+    ) -> verdict_features::Result<StoreAnswer> {
+        use redis::Value;
+        let mut pipe = redis::pipe();
+        for read in reads {
+            pipe.cmd("HMGET").arg(read.key).arg(read.fields);
+        }
+        let mut connection = self.connection.clone();
+        let replies: Vec<Value> = pipe.query_async(&mut connection).await?;
+        let values = reads.iter().map(|r| r.fields.len()).sum();
+        let mut hashes = HashValues::with_capacity(reads.len(), values, values * 8);
+        for reply in &replies {
+            let Value::Array(items) = reply else {
+                return Err(verdict_features::FeatureError::Output(format!(
+                    "HMGET answered {reply:?}"
+                )));
+            };
+            hashes.push_read(items.iter().map(|item| match item {
+                Value::BulkString(bytes) => Some(bytes.as_slice()),
+                _ => None,
+            }));
         }
         Ok(StoreAnswer {
             hashes,
@@ -225,12 +269,16 @@ async fn main() -> anyhow::Result<()> {
     let hmget = PipelinedHmget {
         connection: client.get_multiplexed_async_connection().await?,
     };
+    let crate_buffer = CrateHmgetBuffer {
+        connection: client.get_multiplexed_async_connection().await?,
+    };
     let packed = PackedLuaRead {
         connection: client.get_multiplexed_async_connection().await?,
     };
-    let stores: [(&str, &dyn FeatureStore); 3] = [
+    let stores: [(&str, &dyn FeatureStore); 4] = [
         ("HMGET → Strings", &hmget),
-        ("HMGET → buffer", &current),
+        ("HMGET → buffer", &crate_buffer),
+        ("own RESP reader", &current),
         ("packed Lua read", &packed),
     ];
     let lookups = Lookups::new(workload.lookups.clone(), Vec::new())?;
@@ -248,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
             let refs: Vec<Option<&[u8]>> = payloads.iter().map(|p| Some(p.as_slice())).collect();
             batches.push(decoder.decode(&refs)?.batch);
         }
-        // Both stores must build the same tables; this also warms connections and the script
+        // Every path must build the same tables; this also warms connections and the script
         // cache.
         for batch in &batches {
             let (expected, _) = lookups.fetch(stores[0].1, batch).await?;
@@ -258,7 +306,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
 
-        let mut measured: [Measured; 3] = Default::default();
+        let mut measured: [Measured; 4] = Default::default();
         for _ in 0..ROUNDS {
             for ((_, store), m) in stores.iter().zip(measured.iter_mut()) {
                 let own_before = cpu_seconds_of("/proc/self/stat").unwrap_or(0.0);
