@@ -13,6 +13,10 @@
 //! those leaves bound to the batch's tables and every other operator's state reset — a hash
 //! join caches its build side, and re-executing it unreset would join the previous batch.
 //! Dynamic filter pushdown is disabled because a plan that uses it cannot be re-executed.
+//!
+//! Joins on `row_id` between the batch's tables, which are aligned row for row, are then
+//! replaced by operators that put the tables side by side instead of hashing them (see
+//! [`crate::row_aligned`]); the hash-join plan is kept for batches whose tables are not aligned.
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,6 +42,7 @@ use datafusion::physical_plan::{
 use datafusion::prelude::{SessionConfig, SessionContext};
 use verdict_schemas::columns::ROW_ID;
 
+use crate::row_aligned::{align_row_id_joins, tables_are_row_aligned};
 use crate::{FeatureError, Result};
 
 /// Name of the input table in the workload SQL.
@@ -45,7 +50,11 @@ pub const INPUT_TABLE: &str = "input";
 
 /// A workload's SQL, planned once, executed per batch.
 pub struct SqlJoin {
-    plan: Arc<dyn ExecutionPlan>,
+    /// The plan as DataFusion built it (hash joins): correct for any tables.
+    pub(crate) plan: Arc<dyn ExecutionPlan>,
+    /// The same plan with its `row_id` joins replaced by row-aligned ones, when it has any:
+    /// used for batches whose tables all carry `row_id` 0..n.
+    pub(crate) aligned_plan: Option<Arc<dyn ExecutionPlan>>,
     task_ctx: Arc<TaskContext>,
     output_schema: SchemaRef,
     /// Schemas of the tables, in binding order: `input`, then each lookup.
@@ -98,8 +107,10 @@ impl SqlJoin {
                 output_schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
+        let (aligned, replaced) = align_row_id_joins(Arc::clone(&plan))?;
         Ok(Self {
             plan,
+            aligned_plan: (replaced > 0).then_some(aligned),
             task_ctx: ctx.task_ctx(),
             output_schema,
             table_schemas,
@@ -113,6 +124,29 @@ impl SqlJoin {
     /// Runs the plan over one batch: `tables[0]` is the input, then the lookups in planning
     /// order. Returns exactly one output row per input row, in input order.
     pub async fn run(&self, tables: &[RecordBatch]) -> Result<RecordBatch> {
+        let input_rows = self.check_tables(tables)?;
+        match &self.aligned_plan {
+            Some(aligned) if tables_are_row_aligned(tables, input_rows) => {
+                self.execute(aligned, tables, input_rows).await
+            }
+            _ => self.execute(&self.plan, tables, input_rows).await,
+        }
+    }
+
+    /// [`SqlJoin::run`] with DataFusion's hash joins whatever the tables: the reference the
+    /// row-aligned plan is tested and measured against.
+    pub async fn run_with_hash_joins(&self, tables: &[RecordBatch]) -> Result<RecordBatch> {
+        let input_rows = self.check_tables(tables)?;
+        self.execute(&self.plan, tables, input_rows).await
+    }
+
+    /// Whether the statement's `row_id` joins run without hashing on aligned tables.
+    pub fn has_row_aligned_joins(&self) -> bool {
+        self.aligned_plan.is_some()
+    }
+
+    /// Checks the number of tables; returns the number of input rows.
+    fn check_tables(&self, tables: &[RecordBatch]) -> Result<usize> {
         if tables.len() != self.table_schemas.len() {
             return Err(FeatureError::Output(format!(
                 "expected {} tables, got {}",
@@ -120,8 +154,16 @@ impl SqlJoin {
                 tables.len()
             )));
         }
-        let input_rows = tables[0].num_rows();
-        let bound = Arc::clone(&self.plan)
+        Ok(tables[0].num_rows())
+    }
+
+    pub(crate) async fn execute(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        tables: &[RecordBatch],
+        input_rows: usize,
+    ) -> Result<RecordBatch> {
+        let bound = Arc::clone(plan)
             .transform_up(|node| {
                 if let Some(leaf) = node.downcast_ref::<CurrentBatchExec>() {
                     let batch = tables[leaf.table].clone();
@@ -210,7 +252,7 @@ impl TableProvider for CurrentBatchTable {
 
 /// Leaf operator: yields the batch bound to it (projected), or nothing while unbound.
 #[derive(Debug, Clone)]
-struct CurrentBatchExec {
+pub(crate) struct CurrentBatchExec {
     table: usize,
     projection: Option<Vec<usize>>,
     batch: Option<RecordBatch>,

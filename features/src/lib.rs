@@ -7,6 +7,7 @@
 //! - [`lookup`]: entity lookups → Arrow tables aligned to the input rows;
 //! - [`velocity`]: in-stream sliding-window counts and sums per entity, kept in Redis;
 //! - [`join`]: the workload's DataFusion SQL, planned once and re-executed per batch;
+//! - [`row_aligned`]: its joins on `row_id` as side-by-side columns instead of hash joins;
 //! - [`tensor`]: the SQL output → a dense `f32` matrix in the model's feature order, with
 //!   documented imputation of missing values.
 
@@ -14,6 +15,7 @@ pub mod join;
 pub mod lookup;
 pub mod redis_store;
 pub mod resp;
+pub mod row_aligned;
 pub mod store;
 pub mod tensor;
 pub mod velocity;

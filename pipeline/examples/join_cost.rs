@@ -6,10 +6,15 @@
 //! lookup tables (card + merchant, two LEFT JOINs and derived columns):
 //! - per batch: register the batch's tables as `MemTable`s and `ctx.sql(..).collect()`, the
 //!   straightforward way;
-//! - planned once: [`verdict_features::SqlJoin`], the physical plan built once and re-executed
-//!   with its leaves bound to each batch (what the pipeline does).
+//! - planned once, hash joins: [`verdict_features::SqlJoin::run_with_hash_joins`], the physical
+//!   plan built once and re-executed with its leaves bound to each batch, joins as DataFusion
+//!   plans them (a hash table per join per batch);
+//! - planned once, row-aligned: [`verdict_features::SqlJoin::run`], the same plan with its
+//!   `row_id` joins replaced by side-by-side columns (what the pipeline does).
 //!
-//! Prints the median and p90 per batch for several batch sizes.
+//! The two planned-once paths alternate batch by batch, so a noisy machine slows both alike;
+//! their outputs are compared on every batch. Prints the median and p90 per batch for several
+//! batch sizes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,8 +70,10 @@ async fn main() -> anyhow::Result<()> {
     let lookups = Lookups::new(workload.lookups.clone(), workload.velocity.clone())?;
     let lookup_schemas = lookups.table_schemas();
 
-    println!("batch rows | per batch: plan + collect (p50 / p90) | planned once (p50 / p90) | ratio of p50s");
-    for rows in [1usize, 64, 512] {
+    println!(
+        "batch rows | plan + collect per batch (p50 / p90) | planned once, hash joins (p50 / p90) | planned once, row-aligned (p50 / p90) | hash / aligned p50"
+    );
+    for rows in [1usize, 16, 64, 144, 512] {
         let mut decoder = JsonBatchDecoder::new(schema.clone(), rows)?;
         let mut stream = world.transactions(rows as u64, "join", 0.03);
         // A different batch each iteration: a plan that kept state would show stale rows.
@@ -110,19 +117,39 @@ async fn main() -> anyhow::Result<()> {
         }
 
         let join = SqlJoin::plan(&workload.sql, batches[0][0].schema(), &lookup_schemas).await?;
-        let mut once = Vec::with_capacity(ITERATIONS);
+        anyhow::ensure!(
+            join.has_row_aligned_joins(),
+            "the example statement's joins were expected to be row-aligned"
+        );
+        let mut hashed = Vec::with_capacity(ITERATIONS);
+        let mut aligned = Vec::with_capacity(ITERATIONS);
         for i in 0..ITERATIONS {
             let tables = &batches[i % batches.len()];
-            let started = Instant::now();
-            let out = join.run(tables).await?;
-            once.push(started.elapsed());
-            assert_eq!(out.num_rows(), rows);
+            let mut outputs = Vec::with_capacity(2);
+            for hash_first in [i % 2 == 0, i % 2 != 0] {
+                let started = Instant::now();
+                let out = if hash_first {
+                    join.run_with_hash_joins(tables).await?
+                } else {
+                    join.run(tables).await?
+                };
+                let took = started.elapsed();
+                if hash_first {
+                    hashed.push(took);
+                } else {
+                    aligned.push(took);
+                }
+                outputs.push(out);
+            }
+            assert_eq!(outputs[0].num_rows(), rows);
+            anyhow::ensure!(outputs[0] == outputs[1], "the two plans' outputs differ");
         }
         let (a50, a90) = quantiles(per_batch);
-        let (b50, b90) = quantiles(once);
+        let (h50, h90) = quantiles(hashed);
+        let (r50, r90) = quantiles(aligned);
         println!(
-            "{rows:>10} | {a50:>10.0} µs / {a90:>6.0} µs              | {b50:>8.0} µs / {b90:>6.0} µs   | {:.1}×",
-            a50 / b50
+            "{rows:>10} | {a50:>10.0} µs / {a90:>6.0} µs             | {h50:>10.0} µs / {h90:>6.0} µs              | {r50:>10.0} µs / {r90:>6.0} µs               | {:.2}×",
+            h50 / r50
         );
     }
     Ok(())
