@@ -1,4 +1,4 @@
-//! Kafka sink: a `FutureProducer` shared by every workload of the process.
+//! Kafka sink: one producer shared by every workload of the process.
 //!
 //! Every record of a batch is enqueued at once and the returned [`Delivery`] awaits all their
 //! delivery reports together, so a batch costs one produce round trip, not one per record,
@@ -6,37 +6,72 @@
 //! errors itself (up to `message.timeout.ms`); an error that surfaces here fails the batch, and
 //! the topology, which alone decides, retries it. An idempotent producer's timed-out message
 //! may still have been written, so a retry can duplicate: delivery is at least once.
+//!
+//! Each record carries a one-shot channel as its delivery opaque, as rdkafka's `FutureProducer`
+//! does; unlike it, the delivery reports are served by [`DeliveryReports`], a thread that sleeps
+//! until librdkafka has a report instead of spinning at the end of every poll.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::channel::oneshot;
 use futures::future::join_all;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
 
+use crate::delivery_reports::DeliveryReports;
 use crate::sink::{Delivery, OutRecord, Sink};
 use crate::{Result, SinkError};
+
+/// Where a record's delivery report goes: its batch's [`Delivery`] awaits the receiver.
+type ReportSender = oneshot::Sender<KafkaResult<()>>;
+
+/// Hands each delivery report to the channel the record was produced with.
+struct ReportToChannel;
+
+impl ClientContext for ReportToChannel {}
+
+impl ProducerContext for ReportToChannel {
+    type DeliveryOpaque = Box<ReportSender>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report: Self::DeliveryOpaque) {
+        // The receiver is gone only if its batch was abandoned; nothing waits for the answer.
+        let _ = report.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    }
+}
+
+struct Producing {
+    // Declared first: dropped (stopped and joined) before the producer it serves.
+    _reports: DeliveryReports,
+    producer: Arc<BaseProducer<ReportToChannel>>,
+}
 
 /// Produces records to Kafka.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: FutureProducer,
+    inner: Arc<Producing>,
 }
 
 impl KafkaSink {
     /// `config` holds librdkafka properties, passed through untouched.
     pub fn new(config: &ClientConfig) -> Result<Self> {
+        let producer = Arc::new(config.create_with_context(ReportToChannel)?);
+        let reports = DeliveryReports::start(Arc::clone(&producer))?;
         Ok(Self {
-            producer: config.create()?,
+            inner: Arc::new(Producing {
+                _reports: reports,
+                producer,
+            }),
         })
     }
 
     /// Waits for queued messages to be delivered (used on shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        Ok(self.producer.flush(timeout)?)
+        Ok(self.inner.producer.flush(timeout)?)
     }
 }
 
@@ -52,21 +87,22 @@ impl Sink for KafkaSink {
                     value: Some(value),
                 });
             }
-            let mut future_record = FutureRecord::to(&record.topic)
+            let (report, delivered) = oneshot::channel();
+            let mut base_record = BaseRecord::with_opaque_to(&record.topic, Box::new(report))
                 .payload(&record.payload)
                 .headers(headers);
             if let Some(key) = &record.key {
-                future_record = future_record.key(key);
+                base_record = base_record.key(key);
             }
             loop {
-                match self.producer.send_result(future_record) {
-                    Ok(delivery) => {
-                        deliveries.push((delivery, Arc::clone(&record.topic)));
+                match self.inner.producer.send(base_record) {
+                    Ok(()) => {
+                        deliveries.push((delivered, Arc::clone(&record.topic)));
                         break;
                     }
                     // The local queue is full: block (backpressure) until librdkafka drains it.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        future_record = back;
+                        base_record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     Err((e, _)) => return Err(e.into()),
@@ -83,7 +119,7 @@ impl Sink for KafkaSink {
             for (result, topic) in results {
                 match result {
                     Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => {
+                    Ok(Err(e)) => {
                         return Err(SinkError::Delivery {
                             topic: topic.to_string(),
                             reason: e.to_string(),

@@ -3,9 +3,11 @@
 //! - [`sink`]: the [`Sink`] trait (hand over a batch of records, get a future that resolves
 //!   when all are acknowledged) and an in-memory test double;
 //! - [`kafka`]: the Kafka producer implementation (at least once);
+//! - [`delivery_reports`]: the thread that serves its delivery reports;
 //! - [`transactional`]: a Kafka transaction per batch (exactly once);
 //! - [`encode`]: a decisions `RecordBatch` → keyed JSON records.
 
+mod delivery_reports;
 pub mod encode;
 pub mod kafka;
 pub mod sink;
@@ -27,6 +29,9 @@ pub enum SinkError {
     Encode(String),
     #[error("configuration: {0}")]
     Config(String),
+    /// Setting up the producer's delivery report thread or its wake-up socket.
+    #[error("delivery report thread: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 pub type Result<T, E = SinkError> = std::result::Result<T, E>;
