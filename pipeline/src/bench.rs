@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// produce requests alone and the figures measure it, not verdict.
     #[arg(long, default_value_t = 5)]
     pub producer_linger_ms: u32,
+    /// With `--rates` / `--find-max-rate`: `linger.ms` of the verdict process's own producer
+    /// (decisions and dead letters) instead of its default (1). A longer linger means fewer,
+    /// larger produce requests (less CPU on verdict's and the broker's side) for up to that
+    /// much more latency per decision.
+    #[arg(long)]
+    pub verdict_producer_linger_ms: Option<u32>,
     /// `fetch.wait.max.ms` of every consumer in the run: the pipeline's, the Python
     /// baseline's (with `--rates`) and the measuring consumer's. On Apache Kafka it only
     /// bounds how long an empty fetch waits. The test broker (Tansu 0.6) holds *every* fetch

@@ -138,10 +138,16 @@ fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
             continue;
         }
         let line = if line.starts_with("group-id = ") {
-            format!(
+            let mut l = format!(
                 "{line}\nconsumer-properties = {{ \"fetch.wait.max.ms\" = \"{}\" }}",
                 args.fetch_wait_ms
-            )
+            );
+            if let Some(ms) = args.verdict_producer_linger_ms {
+                l.push_str(&format!(
+                    "\nproducer-properties = {{ \"linger.ms\" = \"{ms}\" }}"
+                ));
+            }
+            l
         } else if line.starts_with("model = ") {
             format!("model = {:?}", model.display().to_string())
         } else if line.starts_with("response-timeout = ") {
@@ -600,6 +606,7 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
             "warmup": args.warmup,
             "fetch_wait_ms": args.fetch_wait_ms,
             "load_generator_linger_ms": args.producer_linger_ms,
+            "verdict_producer_linger_ms": args.verdict_producer_linger_ms.unwrap_or(1),
             "broker_hop": hops,
             "fixed_rates": fixed,
             "max_rate_search": searched,
@@ -642,6 +649,8 @@ mod tests {
                 "256",
                 "--fetch-wait-ms",
                 "3",
+                "--verdict-producer-linger-ms",
+                "5",
             ]),
             &gbt,
         )
@@ -660,6 +669,11 @@ mod tests {
             config.kafka.consumer("g").get("fetch.wait.max.ms"),
             Some("3")
         );
+        assert_eq!(config.kafka.producer().get("linger.ms"), Some("5"));
+        // Without the flag verdict keeps its own default.
+        let default = process_config(&args(&[]), &gbt).unwrap();
+        let default = Config::parse(&default, Path::new("/nonexistent")).unwrap();
+        assert_eq!(default.kafka.producer().get("linger.ms"), Some("1"));
     }
 
     fn probe(first_tenth_ms: f64, last_tenth_ms: f64, decided: usize, produce_s: f64) -> Probe {

@@ -7,19 +7,21 @@
 //! the topology, which alone decides, retries it. An idempotent producer's timed-out message
 //! may still have been written, so a retry can duplicate: delivery is at least once.
 //!
-//! Each record carries a one-shot channel as its delivery opaque, as rdkafka's `FutureProducer`
-//! does; unlike it, the delivery reports are served by [`DeliveryReports`], a thread that sleeps
-//! until librdkafka has a report instead of spinning at the end of every poll.
+//! Every record of a batch carries the same [`BatchReports`] as its delivery opaque, a count
+//! of the reports still due: the last report resolves the batch. That is one reference-count
+//! increment per record, where a one-shot channel per record (rdkafka's `FutureProducer`) is
+//! two allocations per record and a future per record for the batch to join. The delivery
+//! reports are served by [`DeliveryReports`], a thread that sleeps until librdkafka has a
+//! report instead of spinning at the end of every poll.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
-use futures::future::join_all;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
@@ -27,27 +29,84 @@ use crate::delivery_reports::DeliveryReports;
 use crate::sink::{Delivery, OutRecord, Sink};
 use crate::{Result, SinkError};
 
-/// Where a record's delivery report goes: its batch's [`Delivery`] awaits the receiver.
-type ReportSender = oneshot::Sender<KafkaResult<()>>;
+/// One batch's delivery reports, counted down as they arrive.
+struct BatchReports {
+    state: Mutex<Outstanding>,
+}
 
-/// Hands each delivery report to the channel the record was produced with.
-struct ReportToChannel;
+struct Outstanding {
+    /// Reports still due, plus one while [`KafkaSink::send`] is still enqueueing (so reports
+    /// of early records cannot resolve the batch before its last record is queued).
+    due: usize,
+    /// The first failure reported: `(topic, reason)`.
+    failure: Option<(String, String)>,
+    /// Resolves the batch's [`Delivery`]; taken when `due` reaches zero. Dropped unsent (the
+    /// producer went away with reports still due), the delivery fails.
+    resolve: Option<oneshot::Sender<Result<()>>>,
+}
 
-impl ClientContext for ReportToChannel {}
+impl BatchReports {
+    fn new() -> (Arc<Self>, oneshot::Receiver<Result<()>>) {
+        let (resolve, resolved) = oneshot::channel();
+        let reports = Self {
+            state: Mutex::new(Outstanding {
+                due: 1,
+                failure: None,
+                resolve: Some(resolve),
+            }),
+        };
+        (Arc::new(reports), resolved)
+    }
 
-impl ProducerContext for ReportToChannel {
-    type DeliveryOpaque = Box<ReportSender>;
+    fn expect_one(&self) {
+        self.lock().due += 1;
+    }
 
-    fn delivery(&self, result: &DeliveryResult<'_>, report: Self::DeliveryOpaque) {
-        // The receiver is gone only if its batch was abandoned; nothing waits for the answer.
-        let _ = report.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    /// One report arrived (`failure`: its topic and reason), or the enqueueing ended (`None`).
+    fn arrived(&self, failure: Option<(String, String)>) {
+        let mut state = self.lock();
+        if state.failure.is_none() {
+            state.failure = failure;
+        }
+        state.due -= 1;
+        if state.due == 0 {
+            let outcome = match state.failure.take() {
+                None => Ok(()),
+                Some((topic, reason)) => Err(SinkError::Delivery { topic, reason }),
+            };
+            if let Some(resolve) = state.resolve.take() {
+                // The receiver is gone only if its batch was abandoned; nothing waits.
+                let _ = resolve.send(outcome);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outstanding> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts each delivery report against the batch its record was produced with.
+struct ReportToBatch;
+
+impl ClientContext for ReportToBatch {}
+
+impl ProducerContext for ReportToBatch {
+    type DeliveryOpaque = Arc<BatchReports>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: Self::DeliveryOpaque) {
+        let failure = match result {
+            Ok(_) => None,
+            Err((e, message)) => Some((message.topic().to_string(), e.to_string())),
+        };
+        batch.arrived(failure);
     }
 }
 
 struct Producing {
     // Declared first: dropped (stopped and joined) before the producer it serves.
     _reports: DeliveryReports,
-    producer: Arc<BaseProducer<ReportToChannel>>,
+    producer: Arc<BaseProducer<ReportToBatch>>,
 }
 
 /// Produces records to Kafka.
@@ -59,7 +118,7 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// `config` holds librdkafka properties, passed through untouched.
     pub fn new(config: &ClientConfig) -> Result<Self> {
-        let producer = Arc::new(config.create_with_context(ReportToChannel)?);
+        let producer = Arc::new(config.create_with_context(ReportToBatch)?);
         let reports = DeliveryReports::start(Arc::clone(&producer))?;
         Ok(Self {
             inner: Arc::new(Producing {
@@ -78,62 +137,55 @@ impl KafkaSink {
 #[async_trait]
 impl Sink for KafkaSink {
     async fn send(&self, records: &[OutRecord]) -> Result<Delivery> {
-        let mut deliveries = Vec::with_capacity(records.len());
+        let (batch, resolved) = BatchReports::new();
+        // Named if the producer goes away before reporting (a batch rarely spans topics).
+        let first_topic = records.first().map(|r| Arc::clone(&r.topic));
         for record in records {
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-            for (key, value) in &record.headers {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
+            let mut base_record = BaseRecord::with_opaque_to(&record.topic, Arc::clone(&batch))
+                .payload(&record.payload);
+            // librdkafka allocates a header list even for none: only build one when needed.
+            if !record.headers.is_empty() {
+                let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+                for (key, value) in &record.headers {
+                    headers = headers.insert(Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+                base_record = base_record.headers(headers);
             }
-            let (report, delivered) = oneshot::channel();
-            let mut base_record = BaseRecord::with_opaque_to(&record.topic, Box::new(report))
-                .payload(&record.payload)
-                .headers(headers);
             if let Some(key) = &record.key {
                 base_record = base_record.key(key);
             }
+            // Counted before it is queued: its report may arrive before `send` returns.
+            batch.expect_one();
             loop {
                 match self.inner.producer.send(base_record) {
-                    Ok(()) => {
-                        deliveries.push((delivered, Arc::clone(&record.topic)));
-                        break;
-                    }
+                    Ok(()) => break,
                     // The local queue is full: block (backpressure) until librdkafka drains it.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         base_record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    Err((e, _)) => return Err(e.into()),
+                    Err((e, _)) => {
+                        // Not queued: no report will come for it. The batch fails here; the
+                        // reports of its records already queued resolve a delivery no one awaits.
+                        batch.arrived(None);
+                        return Err(e.into());
+                    }
                 }
             }
         }
+        // Enqueueing is over: from here the last report resolves the batch.
+        batch.arrived(None);
         Ok(Box::pin(async move {
-            let results = join_all(
-                deliveries
-                    .into_iter()
-                    .map(|(d, t)| async move { (d.await, t) }),
-            )
-            .await;
-            for (result, topic) in results {
-                match result {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        return Err(SinkError::Delivery {
-                            topic: topic.to_string(),
-                            reason: e.to_string(),
-                        })
-                    }
-                    Err(_canceled) => {
-                        return Err(SinkError::Delivery {
-                            topic: topic.to_string(),
-                            reason: "producer shut down before the delivery report".into(),
-                        })
-                    }
-                }
+            match resolved.await {
+                Ok(outcome) => outcome,
+                Err(_canceled) => Err(SinkError::Delivery {
+                    topic: first_topic.as_deref().unwrap_or_default().to_string(),
+                    reason: "producer shut down before the delivery report".into(),
+                }),
             }
-            Ok(())
         }))
     }
 }
@@ -163,6 +215,36 @@ mod tests {
             .set("linger.ms", "1")
             .set("message.timeout.ms", "5000");
         KafkaSink::new(&config).expect("producer")
+    }
+
+    #[test]
+    fn a_batch_resolves_after_its_last_report_and_the_end_of_enqueueing() {
+        let (batch, mut resolved) = BatchReports::new();
+        batch.expect_one();
+        batch.expect_one();
+        // Both reports arrive while `send` is still enqueueing: not resolved yet.
+        batch.arrived(None);
+        batch.arrived(Some(("decisions".into(), "broker said no".into())));
+        assert!(resolved.try_recv().expect("not cancelled").is_none());
+        batch.arrived(None);
+        match resolved.try_recv().expect("not cancelled") {
+            Some(Err(SinkError::Delivery { topic, reason })) => {
+                assert_eq!(
+                    (topic.as_str(), reason.as_str()),
+                    ("decisions", "broker said no")
+                );
+            }
+            other => panic!("expected the first failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_reports_never_come_fails_instead_of_hanging() {
+        let (batch, resolved) = BatchReports::new();
+        batch.expect_one();
+        // The producer is destroyed with the record's opaque: the count never reaches zero.
+        drop(batch);
+        assert!(futures::executor::block_on(resolved).is_err());
     }
 
     // The mock cluster is librdkafka's in-process broker: the tool for injecting produce
