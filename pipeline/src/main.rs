@@ -9,14 +9,6 @@ use tracing_subscriber::EnvFilter;
 use verdict::config::{LogConfig, LogFormat};
 use verdict::{bench, demo, feature_load, gen, Config, Pipeline};
 
-/// mimalloc rather than glibc's malloc: a `perf` profile of `verdict run` at 10,000 tx/s put
-/// about a tenth of all the process's samples in glibc's `malloc`/`free`/`malloc_consolidate`
-/// on the tokio workers alone (Arrow arrays, RESP buffers, JSON records and produce calls
-/// allocate and free per batch, across threads). Only Rust allocations move; librdkafka and
-/// ONNX Runtime keep their own.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "verdict",
