@@ -17,6 +17,9 @@
 //! Joins on `row_id` between the batch's tables, which are aligned row for row, are then
 //! replaced by operators that put the tables side by side instead of hashing them (see
 //! [`crate::row_aligned`]); the hash-join plan is kept for batches whose tables are not aligned.
+//! In that rewritten plan DataFusion's projections also give way to ones without per-execution
+//! metrics (see [`crate::projection`]); the hash-join plan keeps DataFusion's own, as the
+//! reference the rewritten one is tested against.
 
 use std::fmt;
 use std::sync::Arc;
@@ -42,6 +45,7 @@ use datafusion::physical_plan::{
 use datafusion::prelude::{SessionConfig, SessionContext};
 use verdict_schemas::columns::ROW_ID;
 
+use crate::projection::drop_projection_metrics;
 use crate::row_aligned::{align_row_id_joins, tables_are_row_aligned};
 use crate::{FeatureError, Result};
 
@@ -108,9 +112,14 @@ impl SqlJoin {
             )));
         }
         let (aligned, replaced) = align_row_id_joins(Arc::clone(&plan))?;
+        let aligned_plan = if replaced > 0 {
+            Some(drop_projection_metrics(aligned)?)
+        } else {
+            None
+        };
         Ok(Self {
             plan,
-            aligned_plan: (replaced > 0).then_some(aligned),
+            aligned_plan,
             task_ctx: ctx.task_ctx(),
             output_schema,
             table_schemas,

@@ -8,11 +8,13 @@
 //! - [`velocity`]: in-stream sliding-window counts and sums per entity, kept in Redis;
 //! - [`join`]: the workload's DataFusion SQL, planned once and re-executed per batch;
 //! - [`row_aligned`]: its joins on `row_id` as side-by-side columns instead of hash joins;
+//! - [`projection`]: its projections without DataFusion's per-execution metrics;
 //! - [`tensor`]: the SQL output → a dense `f32` matrix in the model's feature order, with
 //!   documented imputation of missing values.
 
 pub mod join;
 pub mod lookup;
+pub mod projection;
 pub mod redis_store;
 pub mod resp;
 pub mod row_aligned;
