@@ -58,14 +58,16 @@ pub fn dead_letter(
     ]);
     OutRecord {
         topic: Arc::clone(topic),
-        key: message.key.clone(),
-        payload: message.payload.clone().unwrap_or_default(),
+        key: message.key.as_deref().map(<[u8]>::to_vec),
+        payload: message.payload.as_deref().unwrap_or_default().to_vec(),
         headers,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[test]
@@ -75,8 +77,8 @@ mod tests {
             partition: 2,
             offset: 41,
             timestamp_ms: None,
-            key: Some(b"k".to_vec()),
-            payload: Some(b"{bad".to_vec()),
+            key: Some(Bytes::from_static(b"k")),
+            payload: Some(Bytes::from_static(b"{bad")),
             headers: vec![("trace".into(), b"abc".to_vec())],
         };
         let record = dead_letter(

@@ -781,8 +781,8 @@ mod tests {
             partition: 0,
             offset,
             timestamp_ms: Some(1),
-            key: Some(format!("k{offset}").into_bytes()),
-            payload: Some(payload.as_bytes().to_vec()),
+            key: Some(format!("k{offset}").into_bytes().into()),
+            payload: Some(payload.as_bytes().to_vec().into()),
             headers: Vec::new(),
         }
     }

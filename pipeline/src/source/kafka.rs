@@ -34,9 +34,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
 use verdict_sinks::NextOffset;
 
-use super::batcher::{adaptive_wait, MicroBatcher};
+use super::batcher::adaptive_wait;
 use super::decode::JsonBatchDecoder;
-use super::{GroupMetadata, InputBatch, RawMessage};
+use super::open_batch::{ClosedBatch, MessageMeta, OpenBatch};
+use super::{GroupMetadata, InputBatch};
 use crate::deadline::{Ahead, StageCosts};
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
 use crate::PipelineError;
@@ -394,18 +395,18 @@ pub fn spawn_kafka_source(
     let thread = std::thread::Builder::new()
         .name(format!("source-{}", settings.workload))
         .spawn(move || {
-            let mut batcher = MicroBatcher::new(settings.max_rows, settings.linger);
+            let mut open_batch = OpenBatch::new(settings.max_rows, settings.linger);
             let mut stats = SourceStats::default();
             let mut seq = 0u64;
             let mut topics: HashMap<String, Arc<str>> = HashMap::new();
             let ctx = consumer.context();
             let mut epoch = settings.rewind.as_ref().map_or(0, |r| r.epoch());
             let consumer_ref = &consumer;
-            let mut send = |messages: Vec<(RawMessage, Instant)>,
-                            epoch: u64,
-                            stats: &mut SourceStats| {
-                let opened_at = messages[0].1;
-                let messages: Vec<RawMessage> = messages.into_iter().map(|(m, _)| m).collect();
+            let mut send = |closed: ClosedBatch, epoch: u64, stats: &mut SourceStats| {
+                let ClosedBatch {
+                    messages,
+                    opened_at,
+                } = closed;
                 let payloads: Vec<Option<&[u8]>> =
                     messages.iter().map(|m| m.payload.as_deref()).collect();
                 let decode_started = Instant::now();
@@ -470,7 +471,7 @@ pub fn spawn_kafka_source(
                         match rewind_to_committed(&consumer, reset_to_end) {
                             Ok(partitions) => {
                                 // The open batch was read past the committed offsets too.
-                                let _ = batcher.flush();
+                                let _ = open_batch.flush();
                                 epoch = requested;
                                 metrics.rewinds.inc();
                                 tracing::warn!(
@@ -517,7 +518,7 @@ pub fn spawn_kafka_source(
                             ),
                             None => (None, Duration::ZERO),
                         };
-                        batcher.set_linger(adaptive_wait(budget, predicted, settings.linger));
+                        open_batch.set_linger(adaptive_wait(budget, predicted, settings.linger));
                         in_flight < ADAPTIVE_IDLE_BELOW_BATCHES
                     }
                     None => false,
@@ -530,12 +531,15 @@ pub fn spawn_kafka_source(
                 };
                 // Adaptive and the stages can take a batch: only take what is already
                 // waiting, then close.
-                let wait = if stages_idle && !batcher.is_empty() {
+                let wait = if stages_idle && !open_batch.is_empty() {
                     Duration::ZERO
                 } else {
-                    batcher.wait_budget(now, cap)
+                    open_batch.wait_budget(now, cap)
                 };
-                match consumer.poll(whole_millis(wait)) {
+                let polled = consumer.poll(whole_millis(wait));
+                // One clock read per message for both the batch's arrival time and its linger.
+                let polled_at = Instant::now();
+                match polled {
                     Some(Ok(message)) => {
                         let topic = match topics.get(message.topic()) {
                             Some(t) => Arc::clone(t),
@@ -545,13 +549,11 @@ pub fn spawn_kafka_source(
                                 t
                             }
                         };
-                        let raw = RawMessage {
+                        let meta = MessageMeta {
                             topic,
                             partition: message.partition(),
                             offset: message.offset(),
                             timestamp_ms: message.timestamp().to_millis(),
-                            key: message.key().map(<[u8]>::to_vec),
-                            payload: message.payload().map(<[u8]>::to_vec),
                             headers: message
                                 .headers()
                                 .map(|hs| {
@@ -566,7 +568,9 @@ pub fn spawn_kafka_source(
                                 })
                                 .unwrap_or_default(),
                         };
-                        if let Some(full) = batcher.push((raw, Instant::now()), Instant::now()) {
+                        let full =
+                            open_batch.push(meta, message.key(), message.payload(), polled_at);
+                        if let Some(full) = full {
                             send(full, epoch, &mut stats)?;
                         }
                     }
@@ -581,19 +585,19 @@ pub fn spawn_kafka_source(
                     }
                     None => {
                         if stages_idle {
-                            if let Some(batch) = batcher.flush() {
+                            if let Some(batch) = open_batch.flush() {
                                 send(batch, epoch, &mut stats)?;
                             }
                         }
                     }
                 }
-                if let Some(expired) = batcher.poll_expired(Instant::now()) {
+                if let Some(expired) = open_batch.poll_expired(polled_at) {
                     send(expired, epoch, &mut stats)?;
                 }
             }
 
             // Shutdown: close the open batch, let the stages drain, store and commit.
-            if let Some(rest) = batcher.flush() {
+            if let Some(rest) = open_batch.flush() {
                 send(rest, epoch, &mut stats)?;
             }
             drop(batches);

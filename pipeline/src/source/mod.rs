@@ -5,15 +5,19 @@
 //! once), or the batch carries them to the transaction that commits it (exactly once).
 //!
 //! - [`batcher`]: when a batch closes (`max-rows` | `linger`);
+//! - [`open_batch`]: the batch being filled, its messages' bytes in one buffer;
 //! - [`decode`]: JSON → Arrow, isolating bad messages;
 //! - [`kafka`]: the consumer thread, offsets, rebalances and shutdown.
 
 pub mod batcher;
 pub mod decode;
 pub mod kafka;
+pub mod open_batch;
 
 use std::sync::Arc;
 use std::time::Instant;
+
+use bytes::Bytes;
 
 use rdkafka::consumer::ConsumerGroupMetadata;
 use verdict_sinks::NextOffset;
@@ -22,6 +26,9 @@ pub use decode::{DecodeCause, Decoded, JsonBatchDecoder, Rejection, DEFAULT_MAX_
 pub use kafka::{spawn_kafka_source, Rewind, SourceHandle, SourceStats};
 
 /// One consumed message, owned (its bytes are needed again if it is dead-lettered).
+///
+/// Its key and payload are slices of one buffer per batch (`Bytes`: a reference count, no
+/// copy), not two allocations per message that another thread frees.
 #[derive(Debug, Clone)]
 pub struct RawMessage {
     pub topic: Arc<str>,
@@ -29,8 +36,8 @@ pub struct RawMessage {
     pub offset: i64,
     /// The record's timestamp (producer create time or broker log-append time), ms since epoch.
     pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
