@@ -2,7 +2,8 @@
 # Interleaved A/B runs of `verdict bench` open loop, for comparing two builds (or two settings)
 # on a noisy machine: the variants alternate within each round, so a slow minute of the box
 # hits both rather than one. One line per run: CPU µs per decision, p50/p99 ms, peak RSS MiB,
-# whether the rate was sustained, and verdict's per-stage timers.
+# peak anonymous RSS MiB (heap and buffers, without the executable's mapped pages: compare
+# builds on this one), whether the rate was sustained, and verdict's per-stage timers.
 #
 #   pipeline/bench/ab.sh ROUNDS OUT "label|binary|extra bench args" ...
 #   pipeline/bench/ab.sh 5 ab.txt "before|/tmp/verdict-before|" "after|target/release/verdict|"
@@ -30,7 +31,7 @@ for round in $(seq 1 "$rounds"); do
     fi
     timers=$(grep "verdict's timers" "$log" | sed 's/.*mean ms per batch: //' || true)
     echo "round $round $label cpu_us $(field 'CPU [0-9.]+' 2) p50_ms $(field 'p50 [0-9.]+' 2)" \
-      "p99_ms $(field 'p99 [0-9.]+' 2) rss_mib $(field 'RSS peak [0-9]+' 3) $verdict | $timers" |
+      "p99_ms $(field 'p99 [0-9.]+' 2) rss_mib $(field 'RSS peak [0-9]+' 3) anon_mib $(field 'anonymous peak [0-9.]+' 3) $verdict | $timers" |
       tee -a "$out"
   done
 done
