@@ -191,7 +191,7 @@ impl Lookups {
             .iter()
             .map(|spec| VelocityPlan::build(spec, input))
             .collect::<Result<Vec<_>>>()?;
-        let updates: Vec<_> = velocity_plans.iter().map(|p| p.update.clone()).collect();
+        let updates: Vec<_> = velocity_plans.iter().map(VelocityPlan::update).collect();
         let answer = store.fetch(&reads, &updates).await?;
         if answer.hashes.len() != reads.len() {
             return Err(FeatureError::Output(format!(
@@ -216,17 +216,18 @@ impl Lookups {
             tables.push(plan.table(lookup, &answer.hashes, first_read, &mut stats)?);
             first_read += plan.distinct.len();
         }
-        for ((spec, plan), counts) in self
+        for (((spec, plan), update), counts) in self
             .velocity
             .iter()
             .zip(&velocity_plans)
+            .zip(&updates)
             .zip(&answer.velocity)
         {
-            if counts.len() != plan.update.events.len() {
+            if counts.len() != update.events.len() {
                 return Err(FeatureError::Output(format!(
                     "feature store answered {} of {} velocity events of `{}`",
                     counts.len(),
-                    plan.update.events.len(),
+                    update.events.len(),
                     spec.name
                 )));
             }

@@ -350,10 +350,11 @@ impl FeatureStore for RedisFeatureStore {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        updates: &[VelocityUpdate],
+        updates: &[VelocityUpdate<'_>],
     ) -> Result<StoreAnswer> {
         // An update without events (every key null) costs no command.
-        let sent: Vec<&VelocityUpdate> = updates.iter().filter(|u| !u.events.is_empty()).collect();
+        let sent: Vec<&VelocityUpdate<'_>> =
+            updates.iter().filter(|u| !u.events.is_empty()).collect();
         if reads.is_empty() && sent.is_empty() {
             return Ok(StoreAnswer {
                 hashes: HashValues::default(),

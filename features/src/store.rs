@@ -117,7 +117,7 @@ pub trait FeatureStore: Send + Sync {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        updates: &[VelocityUpdate],
+        updates: &[VelocityUpdate<'_>],
     ) -> Result<StoreAnswer>;
 
     /// A cheap reachability check for health endpoints; bounded by the store's own timeout.
@@ -157,7 +157,7 @@ impl FeatureStore for InMemoryFeatureStore {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        updates: &[VelocityUpdate],
+        updates: &[VelocityUpdate<'_>],
     ) -> Result<StoreAnswer> {
         self.round_trips
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

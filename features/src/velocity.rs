@@ -30,6 +30,7 @@
 //! counters instead. (A Redis Cluster would need all keys of a batch in one slot; verdict
 //! talks to one primary.)
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,22 +144,23 @@ impl VelocitySpec {
     }
 }
 
-/// One event to record, and whose windows to read.
+/// One event to record, and whose windows to read. The pipeline's events borrow their key
+/// and id from the batch (two allocations per row less); tests may own them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VelocityEvent {
+pub struct VelocityEvent<'a> {
     /// Full store key (prefix included).
-    pub key: String,
+    pub key: Cow<'a, str>,
     pub event_time_ms: i64,
     pub amount_cents: i64,
-    pub id: String,
+    pub id: Cow<'a, str>,
 }
 
 /// All events of one spec in one batch, in batch order: the store applies them in that order.
 #[derive(Debug, Clone)]
-pub struct VelocityUpdate {
+pub struct VelocityUpdate<'a> {
     pub windows_ms: Vec<i64>,
     pub horizon_ms: i64,
-    pub events: Vec<VelocityEvent>,
+    pub events: Vec<VelocityEvent<'a>>,
 }
 
 /// What one event saw: per window, the count and the amount sum in cents.
@@ -320,7 +322,7 @@ pub struct InMemoryVelocity {
 }
 
 impl InMemoryVelocity {
-    pub fn apply(&mut self, update: &VelocityUpdate) -> Vec<VelocityCounts> {
+    pub fn apply(&mut self, update: &VelocityUpdate<'_>) -> Vec<VelocityCounts> {
         let longest = update.windows_ms.iter().copied().max().unwrap_or(0);
         let lateness = update.horizon_ms - longest;
         // Per key: the newest event time, from the retained set at the key's first event in
@@ -330,10 +332,10 @@ impl InMemoryVelocity {
             .events
             .iter()
             .map(|e| {
-                let set = self.entities.entry(e.key.clone()).or_default();
+                let set = self.entities.entry(e.key.to_string()).or_default();
                 let before = set.keys().next_back().map(|(t, _)| *t);
                 let newest = newest
-                    .entry(e.key.as_str())
+                    .entry(e.key.as_ref())
                     .or_insert_with(|| before.unwrap_or(e.event_time_ms));
                 *newest = (*newest).max(e.event_time_ms);
                 let member = format!("{}:{}", e.amount_cents, e.id);
@@ -373,10 +375,18 @@ impl InMemoryVelocity {
 
 /// The events of one spec in one batch, and which input row each came from.
 pub(crate) struct VelocityPlan {
-    pub update: VelocityUpdate,
-    /// For each input row, its index in `update.events` (None: null key, time or amount).
-    pub row_to_event: Vec<Option<usize>>,
+    /// Every event's store key (prefix + entity) in one string: one allocation per batch,
+    /// not one per row. `key_ends[e]` is where event `e`'s key ends.
+    key_text: String,
+    key_ends: Vec<usize>,
+    /// Per event: input row, event time, amount in cents.
+    events: Vec<(usize, i64, i64)>,
+    /// For each input row, its index in the events (None: null key, time or amount).
+    row_to_event: Vec<Option<usize>>,
     keys: StringArray,
+    ids: StringArray,
+    windows_ms: Vec<i64>,
+    horizon_ms: i64,
 }
 
 impl VelocityPlan {
@@ -401,10 +411,14 @@ impl VelocityPlan {
             keys.as_string::<i32>().clone(),
             times.as_primitive::<Int64Type>(),
             amounts.as_primitive::<Float64Type>(),
-            ids.as_string::<i32>(),
+            ids.as_string::<i32>().clone(),
         );
-        let mut events = Vec::with_capacity(input.num_rows());
-        let row_to_event = (0..input.num_rows())
+        let rows = input.num_rows();
+        let mut key_text =
+            String::with_capacity(rows * spec.key_prefix.len() + keys.value_data().len());
+        let mut key_ends = Vec::with_capacity(rows);
+        let mut events = Vec::with_capacity(rows);
+        let row_to_event = (0..rows)
             .map(|row| {
                 if keys.is_null(row)
                     || times.is_null(row)
@@ -414,24 +428,49 @@ impl VelocityPlan {
                 {
                     return None;
                 }
-                events.push(VelocityEvent {
-                    key: format!("{}{}", spec.key_prefix, keys.value(row)),
-                    event_time_ms: times.value(row),
-                    amount_cents: (amounts.value(row) * 100.0).round() as i64,
-                    id: ids.value(row).to_string(),
-                });
+                key_text.push_str(&spec.key_prefix);
+                key_text.push_str(keys.value(row));
+                key_ends.push(key_text.len());
+                let cents = (amounts.value(row) * 100.0).round() as i64;
+                events.push((row, times.value(row), cents));
                 Some(events.len() - 1)
             })
             .collect();
         Ok(Self {
-            update: VelocityUpdate {
-                windows_ms: spec.window_lengths_ms()?,
-                horizon_ms: spec.horizon_ms()?,
-                events,
-            },
+            key_text,
+            key_ends,
+            events,
             row_to_event,
             keys,
+            ids,
+            windows_ms: spec.window_lengths_ms()?,
+            horizon_ms: spec.horizon_ms()?,
         })
+    }
+
+    /// The batch's events for the store, borrowing their keys and ids from this plan.
+    pub fn update(&self) -> VelocityUpdate<'_> {
+        let mut key_start = 0;
+        let events = self
+            .events
+            .iter()
+            .zip(&self.key_ends)
+            .map(|(&(row, event_time_ms, amount_cents), &key_end)| {
+                let key = &self.key_text[key_start..key_end];
+                key_start = key_end;
+                VelocityEvent {
+                    key: Cow::Borrowed(key),
+                    event_time_ms,
+                    amount_cents,
+                    id: Cow::Borrowed(self.ids.value(row)),
+                }
+            })
+            .collect();
+        VelocityUpdate {
+            windows_ms: self.windows_ms.clone(),
+            horizon_ms: self.horizon_ms,
+            events,
+        }
     }
 
     /// The SQL table: one row per input row, nulls where the row had no event.
@@ -470,13 +509,17 @@ impl VelocityPlan {
 /// The definition, spelled out and slow (quadratic), for tests: what event `upto` of
 /// `events` (in processing order) should see — every earlier-or-same event of its key, an
 /// (amount, id) counted once, with event time in `(t − w, t]`. Returns counts and cent sums.
-pub fn recount(events: &[VelocityEvent], windows_ms: &[i64], upto: usize) -> (Vec<i64>, Vec<i64>) {
+pub fn recount(
+    events: &[VelocityEvent<'_>],
+    windows_ms: &[i64],
+    upto: usize,
+) -> (Vec<i64>, Vec<i64>) {
     let me = &events[upto];
     let mut seen = std::collections::HashSet::new();
     let mut counts = vec![0; windows_ms.len()];
     let mut sums = vec![0; windows_ms.len()];
     for e in events[..=upto].iter().rev() {
-        if e.key != me.key || !seen.insert((e.amount_cents, e.id.as_str())) {
+        if e.key != me.key || !seen.insert((e.amount_cents, e.id.as_ref())) {
             continue;
         }
         for (i, w) in windows_ms.iter().enumerate() {
@@ -495,7 +538,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Event sequences with bursts, out-of-order arrivals, late events and redeliveries.
-    fn event_sequence() -> impl Strategy<Value = Vec<VelocityEvent>> {
+    fn event_sequence() -> impl Strategy<Value = Vec<VelocityEvent<'static>>> {
         // Exact window lengths as gaps, and no skew, put events right on window boundaries.
         let gap = prop_oneof![
             0i64..200_000,
@@ -507,7 +550,7 @@ mod tests {
         proptest::collection::vec((0u8..4, gap, skew, 1i64..50_000, 0u8..10), 1..120).prop_map(
             |steps| {
                 let mut clock = 1_700_000_000_000i64;
-                let mut out: Vec<VelocityEvent> = Vec::new();
+                let mut out: Vec<VelocityEvent<'static>> = Vec::new();
                 for (n, (card, advance, jitter, cents, redeliver)) in steps.into_iter().enumerate()
                 {
                     if redeliver == 0 && !out.is_empty() {
@@ -518,10 +561,10 @@ mod tests {
                     }
                     clock += advance;
                     out.push(VelocityEvent {
-                        key: format!("v:card-{card}"),
+                        key: format!("v:card-{card}").into(),
                         event_time_ms: clock + jitter,
                         amount_cents: cents,
-                        id: format!("tx-{n}"),
+                        id: format!("tx-{n}").into(),
                     });
                 }
                 out
@@ -577,6 +620,79 @@ mod tests {
             }
         );
         assert!(decode_lua_reply(&[0, 1], 1, 2).is_err());
+    }
+
+    #[test]
+    fn the_plan_lends_prefixed_keys_and_ids_and_skips_incomplete_rows() {
+        use arrow::array::{Float64Array, Int64Array};
+        let spec = VelocitySpec {
+            name: "card_velocity".into(),
+            key_column: "card_id".into(),
+            key_prefix: "velocity:card:".into(),
+            time_column: default_time_column(),
+            amount_column: default_amount_column(),
+            id_column: default_id_column(),
+            windows: vec!["1m".into(), "1h".into()],
+            allowed_lateness: Duration::from_secs(60),
+        };
+        let input = RecordBatch::try_from_iter([
+            (
+                "card_id",
+                Arc::new(StringArray::from(vec![
+                    Some("c-1"),
+                    None,
+                    Some("c-22"),
+                    Some("c-1"),
+                    Some("c-3"),
+                ])) as ArrayRef,
+            ),
+            (
+                "event_time_ms",
+                Arc::new(Int64Array::from(vec![10, 20, 30, 40, 50])) as ArrayRef,
+            ),
+            (
+                "amount",
+                Arc::new(Float64Array::from(vec![
+                    Some(1.25),
+                    Some(2.0),
+                    Some(3.5),
+                    Some(f64::NAN),
+                    Some(12.34),
+                ])) as ArrayRef,
+            ),
+            (
+                "transaction_id",
+                Arc::new(StringArray::from(vec!["t1", "t2", "t3", "t4", "t5"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let plan = VelocityPlan::build(&spec, &input).unwrap();
+        let update = plan.update();
+        assert_eq!(update.windows_ms, vec![60_000, 3_600_000]);
+        assert_eq!(update.horizon_ms, 3_660_000);
+        let event = |key: &'static str, t: i64, cents: i64, id: &'static str| VelocityEvent {
+            key: key.into(),
+            event_time_ms: t,
+            amount_cents: cents,
+            id: id.into(),
+        };
+        // Row 1 has no key and row 3 no finite amount: no event, a null row in the table.
+        assert_eq!(
+            update.events,
+            vec![
+                event("velocity:card:c-1", 10, 125, "t1"),
+                event("velocity:card:c-22", 30, 350, "t3"),
+                event("velocity:card:c-3", 50, 1234, "t5"),
+            ]
+        );
+        assert!(update
+            .events
+            .iter()
+            .all(|e| matches!((&e.key, &e.id), (Cow::Borrowed(_), Cow::Borrowed(_)))));
+        assert_eq!(
+            plan.row_to_event,
+            vec![Some(0), None, Some(1), None, Some(2)]
+        );
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl FeatureStore for PipelinedHmget {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        _: &[VelocityUpdate],
+        _: &[VelocityUpdate<'_>],
     ) -> verdict_features::Result<StoreAnswer> {
         let mut pipe = redis::pipe();
         for read in reads {
@@ -89,7 +89,7 @@ impl FeatureStore for CrateHmgetBuffer {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        _: &[VelocityUpdate],
+        _: &[VelocityUpdate<'_>],
     ) -> verdict_features::Result<StoreAnswer> {
         use redis::Value;
         let mut pipe = redis::pipe();
@@ -198,7 +198,7 @@ impl FeatureStore for PackedLuaRead {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        _: &[VelocityUpdate],
+        _: &[VelocityUpdate<'_>],
     ) -> verdict_features::Result<StoreAnswer> {
         let groups: Vec<&[HashRead<'_>]> = reads.chunk_by(|a, b| a.fields == b.fields).collect();
         let mut pipe = redis::pipe();

@@ -16,7 +16,6 @@
 //! what it measures; open-loop latency is `verdict bench --rate`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
 use crate::bench::{peak_rss_mib, process_cpu_seconds, BenchArgs};
-use crate::config::example_config_dir;
+use crate::config::repo_root;
 use crate::demo::local_setup;
 use crate::Pipeline;
 
@@ -62,11 +61,6 @@ struct BaselineReport {
     seconds: f64,
     cpu_seconds: f64,
     peak_rss_bytes: f64,
-}
-
-fn repo_root() -> PathBuf {
-    let root = example_config_dir().join("../..");
-    root.canonicalize().unwrap_or(root)
 }
 
 /// CPU seconds the calling thread has used.

@@ -550,7 +550,28 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/config/verdict.toml"
 
 /// Folder the example config's relative paths are resolved against.
 pub fn example_config_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config")
+    repo_root().join("deploy/config")
+}
+
+/// The repository the demo and the benchmark take their models, config and Python baseline
+/// from: the first of the working directory, the executable's folder and the source tree this
+/// binary was built from (or one of their parents) that holds `deploy/config/verdict.toml`.
+/// The executable and working directory come first so that a copied binary (or one built in
+/// another clone) still runs against the checkout it is started in.
+pub fn repo_root() -> PathBuf {
+    let source_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let starts = [
+        std::env::current_dir().ok(),
+        std::env::current_exe().ok(),
+        Some(source_tree.clone()),
+    ];
+    starts
+        .iter()
+        .flatten()
+        .flat_map(|start| start.ancestors())
+        .find(|dir| dir.join("deploy/config/verdict.toml").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or(source_tree)
 }
 
 #[cfg(test)]

@@ -51,6 +51,7 @@ enum FeaturesCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     // `run` reads its config before logging starts, so `[log]` applies from the first line.
     let config = match &cli.command {
@@ -85,6 +86,20 @@ fn main() -> anyhow::Result<()> {
             Command::Features(FeaturesCommand::Load(args)) => feature_load::run(args).await,
         }
     })
+}
+
+/// Turns off glibc's fastbins. They keep small freed chunks unmerged until a request of
+/// 1 KiB or more makes malloc consolidate all of them; the pipeline frees hundreds of small
+/// buffers per batch and then asks for kilobyte ones, so that sweep ran about once per batch
+/// (2.5% of the process at 10,000 tx/s in a profile). Small chunks still come from glibc's
+/// per-thread cache. Measured with `pipeline/bench/ab.sh` (`GLIBC_TUNABLES=
+/// glibc.malloc.mxfast=0`, the same setting): lower CPU per decision in 7 of 8 pairs, about 3%.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
 }
 
 /// `RUST_LOG` wins over `[log] level`; `--log-format` wins over `[log] format`.

@@ -26,7 +26,7 @@ impl FeatureStore for MeteredStore {
     async fn fetch(
         &self,
         reads: &[HashRead<'_>],
-        updates: &[VelocityUpdate],
+        updates: &[VelocityUpdate<'_>],
     ) -> verdict_features::Result<StoreAnswer> {
         let started = Instant::now();
         let answer = self.inner.fetch(reads, updates).await;

@@ -25,7 +25,7 @@
 //! A long run at one rate (`--rates 10000 --count 3000000`, five minutes) is the memory soak:
 //! the table shows the resident set one minute in and at the end.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +35,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::bench::BenchArgs;
-use crate::config::{example_config_dir, BatchMode, Config, EXAMPLE_CONFIG};
+use crate::config::{example_config_dir, repo_root, BatchMode, Config, EXAMPLE_CONFIG};
 use crate::demo::{local_setup, EXAMPLE_TOPICS};
 use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
 use crate::measured_process::MeasuredProcess;
@@ -187,11 +187,6 @@ fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
         "the bench's process config should hold the fraud workload alone, without deadline"
     );
     Ok(text)
-}
-
-fn repo_root() -> PathBuf {
-    let root = example_config_dir().join("../..");
-    root.canonicalize().unwrap_or(root)
 }
 
 /// Samples a process's resident set every second until `stop`.

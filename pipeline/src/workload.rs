@@ -890,7 +890,7 @@ mod tests {
         async fn fetch(
             &self,
             _: &[HashRead<'_>],
-            _: &[verdict_features::velocity::VelocityUpdate],
+            _: &[verdict_features::velocity::VelocityUpdate<'_>],
         ) -> Result<verdict_features::StoreAnswer, FeatureError> {
             Err(FeatureError::StoreTimeout { timeout_ms: 50 })
         }

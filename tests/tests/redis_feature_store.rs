@@ -47,7 +47,7 @@ fn redis() -> &'static (LocalStack, tokio::runtime::Runtime, RedisFeatureStore) 
 
 /// Card-testing bursts (seconds apart), hour-scale gaps, day-scale gaps, gaps of exactly a
 /// window, events up to an hour out of order, and redeliveries.
-fn events() -> impl Strategy<Value = Vec<VelocityEvent>> {
+fn events() -> impl Strategy<Value = Vec<VelocityEvent<'static>>> {
     // Exact window lengths as gaps, and no skew, put events right on window boundaries.
     let gap = prop_oneof![
         0i64..5_000,
@@ -61,7 +61,7 @@ fn events() -> impl Strategy<Value = Vec<VelocityEvent>> {
     proptest::collection::vec((0u8..3, gap, skew, 1i64..100_000, 0u8..8), 1..150).prop_map(
         |steps| {
             let mut clock = 1_750_000_000_000i64;
-            let mut out: Vec<VelocityEvent> = Vec::new();
+            let mut out: Vec<VelocityEvent<'static>> = Vec::new();
             for (n, (card, gap, skew, cents, redeliver)) in steps.into_iter().enumerate() {
                 if redeliver == 0 && !out.is_empty() {
                     let again = out[(n * 7) % out.len()].clone();
@@ -70,10 +70,10 @@ fn events() -> impl Strategy<Value = Vec<VelocityEvent>> {
                 }
                 clock += gap;
                 out.push(VelocityEvent {
-                    key: format!("card-{card}"),
+                    key: format!("card-{card}").into(),
                     event_time_ms: clock + skew,
                     amount_cents: cents,
-                    id: format!("tx-{n}"),
+                    id: format!("tx-{n}").into(),
                 });
             }
             out
@@ -88,9 +88,12 @@ proptest! {
     fn redis_velocity_matches_a_brute_force_recount(events in events(), batch in 1usize..40) {
         static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let prefix = format!("case{}:", CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let events: Vec<VelocityEvent> = events
+        let events: Vec<VelocityEvent<'static>> = events
             .into_iter()
-            .map(|e| VelocityEvent { key: format!("{prefix}{}", e.key), ..e })
+            .map(|e| VelocityEvent {
+                key: format!("{prefix}{}", e.key).into(),
+                ..e
+            })
             .collect();
         let (_, runtime, store) = redis();
         let mut memory = InMemoryVelocity::default();
@@ -162,7 +165,7 @@ fn sums_beyond_lua_number_formatting_arrive_exact() {
         key: "big:card-1".into(),
         event_time_ms: 1_750_000_000_000 + n,
         amount_cents: cents,
-        id: format!("tx-{n}"),
+        id: format!("tx-{n}").into(),
     };
     let update = VelocityUpdate {
         windows_ms: WINDOWS_MS.to_vec(),
