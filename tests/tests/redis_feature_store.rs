@@ -7,7 +7,7 @@
 //!   and agree with the in-memory implementation that computes training data, late flags
 //!   included.
 
-use std::sync::OnceLock;
+use std::rc::Rc;
 
 use proptest::prelude::*;
 use verdict::local_stack::LocalStack;
@@ -21,28 +21,37 @@ const WINDOWS_MS: [i64; 3] = [60_000, 3_600_000, 86_400_000];
 const LATENESS_MS: i64 = 300_000;
 const HORIZON_MS: i64 = 86_400_000 + LATENESS_MS;
 
-/// One server for every case of the property (each case uses its own key prefix).
-fn redis() -> &'static (LocalStack, tokio::runtime::Runtime, RedisFeatureStore) {
-    static REDIS: OnceLock<(LocalStack, tokio::runtime::Runtime, RedisFeatureStore)> =
-        OnceLock::new();
-    REDIS.get_or_init(|| {
-        let stack = LocalStack::redis_only().expect("redis-server starts");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let config: RedisConfig = serde_json::from_value(serde_json::json!({
-            "url": stack.redis_url,
-            "response-timeout": "5s",
-            "connect-timeout": "5s",
-        }))
-        .expect("config");
-        // The connection manager spawns its driver on the runtime it is created in.
-        let store = runtime
-            .block_on(async { RedisFeatureStore::connect(&config) })
-            .expect("client");
-        (stack, runtime, store)
-    })
+type Server = (LocalStack, tokio::runtime::Runtime, RedisFeatureStore);
+
+thread_local! {
+    /// One server for every case of a property (each case uses its own key prefix), per test
+    /// thread. Not a `static`: a static is never dropped, so its redis-server outlived the test
+    /// binary. libtest runs each test on its own thread, whose thread-locals are dropped (the
+    /// server killed) when the test ends.
+    static REDIS: Rc<Server> = Rc::new(start_redis());
+}
+
+fn redis() -> Rc<Server> {
+    REDIS.with(Rc::clone)
+}
+
+fn start_redis() -> Server {
+    let stack = LocalStack::redis_only().expect("redis-server starts");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config: RedisConfig = serde_json::from_value(serde_json::json!({
+        "url": stack.redis_url,
+        "response-timeout": "5s",
+        "connect-timeout": "5s",
+    }))
+    .expect("config");
+    // The connection manager spawns its driver on the runtime it is created in.
+    let store = runtime
+        .block_on(async { RedisFeatureStore::connect(&config) })
+        .expect("client");
+    (stack, runtime, store)
 }
 
 /// Card-testing bursts (seconds apart), hour-scale gaps, day-scale gaps, gaps of exactly a
@@ -95,7 +104,8 @@ proptest! {
                 ..e
             })
             .collect();
-        let (_, runtime, store) = redis();
+        let server = redis();
+        let (_, runtime, store) = &*server;
         let mut memory = InMemoryVelocity::default();
         let mut from_redis = Vec::new();
         let mut from_memory = Vec::new();
@@ -130,7 +140,8 @@ proptest! {
 /// Keys carry a TTL of the horizon, so an idle card's history leaves Redis by itself.
 #[test]
 fn velocity_keys_expire_after_the_horizon() {
-    let (stack, runtime, store) = redis();
+    let server = redis();
+    let (stack, runtime, store) = &*server;
     let update = VelocityUpdate {
         windows_ms: WINDOWS_MS.to_vec(),
         horizon_ms: HORIZON_MS,
@@ -160,7 +171,8 @@ fn velocity_keys_expire_after_the_horizon() {
 /// number format switches to exponent notation) still arrive exact.
 #[test]
 fn sums_beyond_lua_number_formatting_arrive_exact() {
-    let (_stack, runtime, store) = redis();
+    let server = redis();
+    let (_stack, runtime, store) = &*server;
     let event = |n: i64, cents: i64| VelocityEvent {
         key: "big:card-1".into(),
         event_time_ms: 1_750_000_000_000 + n,
@@ -209,7 +221,8 @@ proptest! {
         merchant_keys in proptest::collection::vec(0u8..24, 0..30),
         case in any::<u64>(),
     ) {
-        let (stack, runtime, store) = redis();
+        let server = redis();
+        let (stack, runtime, store) = &*server;
         let memory = InMemoryFeatureStore::new();
         let fields = ["a", "b:c", "d"];
         let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
@@ -257,7 +270,8 @@ proptest! {
 /// batch's other rows keep their features.
 #[test]
 fn a_value_that_is_not_utf8_is_counted_and_does_not_fail_the_batch() {
-    let (stack, runtime, store) = redis();
+    let server = redis();
+    let (stack, runtime, store) = &*server;
     let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let _: () = redis::cmd("HSET")
@@ -327,7 +341,8 @@ fn a_value_that_is_not_utf8_is_counted_and_does_not_fail_the_batch() {
 /// nothing is silently read as missing.
 #[test]
 fn a_key_that_is_not_a_hash_is_an_error() {
-    let (stack, runtime, store) = redis();
+    let server = redis();
+    let (stack, runtime, store) = &*server;
     let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let _: () = redis::cmd("SET")
