@@ -159,6 +159,14 @@ impl LocalStack {
         Ok(())
     }
 
+    /// The servers' names (`redis-server`, `tansu`) and process ids, for accounting their CPU.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .map(|(name, child)| (name.clone(), child.id()))
+            .collect()
+    }
+
     /// Creates topics (name, partitions), waiting until the broker accepts the request.
     pub async fn create_topics(&self, topics: &[(&str, i32)]) -> Result<(), PipelineError> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

@@ -35,6 +35,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::bench::BenchArgs;
+use crate::box_cpu::{BoxCpu, BoxCpuSplit};
 use crate::config::{example_config_dir, repo_root, BatchMode, Config, EXAMPLE_CONFIG};
 use crate::demo::{local_setup, EXAMPLE_TOPICS};
 use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
@@ -98,6 +99,8 @@ struct Probe {
     anon_after_1_min_mib: f64,
     anon_at_end_mib: f64,
     sustained: bool,
+    /// Where the whole box's CPU went over the measured part.
+    whole_box: Option<BoxCpuSplit>,
     #[serde(skip)]
     decisions: Vec<Option<(Arc<str>, f64)>>,
 }
@@ -314,31 +317,45 @@ async fn probe(
         settle_timeout: Duration::from_secs(120),
         ..spec.clone()
     };
-    let (report, cpu_seconds, rss) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
-        if args.warmup > 0 {
-            let w = drive(&world, &warmup)?;
-            anyhow::ensure!(
-                w.decided == w.sent,
-                "{}: {} of {} warm-up transactions got no decision; log:\n{}",
-                system.name(),
-                w.sent - w.decided,
-                w.sent,
-                std::fs::read_to_string(&log).unwrap_or_default()
+    let mut accounted = vec![(system.name().to_string(), process.pid())];
+    accounted.extend(stack.processes());
+    accounted.push(("harness".to_string(), std::process::id()));
+    let box_cpu = BoxCpu::new(accounted, Some(stack.redis_url.clone()));
+    let (report, cpu_seconds, rss, box_split) =
+        tokio::task::block_in_place(|| -> anyhow::Result<_> {
+            if args.warmup > 0 {
+                let w = drive(&world, &warmup)?;
+                anyhow::ensure!(
+                    w.decided == w.sent,
+                    "{}: {} of {} warm-up transactions got no decision; log:\n{}",
+                    system.name(),
+                    w.sent - w.decided,
+                    w.sent,
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let rss = sample_rss(process.pid(), Arc::clone(&stop));
+            let timers_before = process.scrape().ok();
+            let box_before = box_cpu.sample();
+            let cpu_before = process.cpu_seconds().context("reading the process's CPU")?;
+            let report: DriveReport = drive(&world, &spec)?;
+            let cpu_after = process.cpu_seconds().context("reading the process's CPU")?;
+            // Cores busy over the load itself (first produce → last decision), not over the
+            // measuring consumer's group join before it.
+            let box_split = box_cpu.split(
+                &box_before,
+                &box_cpu.sample(),
+                report.decided,
+                report.elapsed.as_secs_f64(),
             );
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let rss = sample_rss(process.pid(), Arc::clone(&stop));
-        let timers_before = process.scrape().ok();
-        let cpu_before = process.cpu_seconds().context("reading the process's CPU")?;
-        let report: DriveReport = drive(&world, &spec)?;
-        let cpu_after = process.cpu_seconds().context("reading the process's CPU")?;
-        if let (Some(before), Ok(after)) = (timers_before, process.scrape()) {
-            println!("{}", own_timers(&before, &after));
-        }
-        stop.store(true, Ordering::Relaxed);
-        let rss = std::mem::take(&mut *rss.lock().unwrap_or_else(|e| e.into_inner()));
-        Ok((report, cpu_after - cpu_before, rss))
-    })?;
+            if let (Some(before), Ok(after)) = (timers_before, process.scrape()) {
+                println!("{}", own_timers(&before, &after));
+            }
+            stop.store(true, Ordering::Relaxed);
+            let rss = std::mem::take(&mut *rss.lock().unwrap_or_else(|e| e.into_inner()));
+            Ok((report, cpu_after - cpu_before, rss, box_split))
+        })?;
     let peak_rss_mib = process.peak_rss_mib().unwrap_or(f64::NAN);
     tokio::task::block_in_place(|| process.stop())?;
     drop(stack);
@@ -369,6 +386,7 @@ async fn probe(
         anon_after_1_min_mib: after_1_min.map_or(f64::NAN, |m| m.anon_mib),
         anon_at_end_mib: rss.last().map_or(f64::NAN, |m| m.anon_mib),
         sustained: false,
+        whole_box: Some(box_split),
         decisions: report.decisions,
     };
     probe.sustained = probe.why_not_sustained().is_none();
@@ -431,6 +449,9 @@ fn print_probe(p: &Probe) {
             Some(why) => format!("NOT sustained ({why})"),
         }
     );
+    if let Some(split) = &p.whole_box {
+        println!("{}", split.describe());
+    }
 }
 
 /// One broker hop on its own, as the floor under both systems' latency: the load generator
@@ -725,6 +746,7 @@ mod tests {
             anon_after_1_min_mib: 1.0,
             anon_at_end_mib: 1.0,
             sustained: false,
+            whole_box: None,
             decisions: Vec::new(),
         }
     }
