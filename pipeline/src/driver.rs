@@ -127,10 +127,13 @@ fn kafka_err(e: impl std::fmt::Display) -> PipelineError {
 /// of decisions a second, a `serde_json::Value` per decision (a map and a string per field)
 /// was a visible share of the harness's own CPU, which shares the box with the system
 /// under test.
+///
+/// `decision` is a bare `Cow` with `borrow`: serde borrows a `Cow` only when it is the
+/// field's type itself, not inside an `Option`. Empty when absent.
 #[derive(Default, serde::Deserialize)]
 struct DecisionFields<'a> {
-    #[serde(borrow)]
-    decision: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    decision: std::borrow::Cow<'a, str>,
     score: Option<f64>,
 }
 
@@ -227,7 +230,10 @@ pub fn drive(world: &World, spec: &DriveSpec) -> Result<DriveReport, PipelineErr
         last_arrival = now;
         let payload = message.payload().unwrap_or_default();
         let fields: DecisionFields = serde_json::from_slice(payload).unwrap_or_default();
-        let outcome = fields.decision.as_deref().unwrap_or("?");
+        let outcome = match &*fields.decision {
+            "" => "?",
+            decision => decision,
+        };
         let outcome = match interned.get(outcome) {
             Some(o) => Arc::clone(o),
             None => {
@@ -412,25 +418,24 @@ pub fn percentiles_ms(h: &Histogram<u64>) -> [f64; 4] {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
 
     #[test]
     fn reads_a_decisions_outcome_and_score_and_nothing_else() {
         let payload = br#"{"transaction_id":"t-1","decision":"decline","score":0.93,"features":{"amount":12.5},"reasons":["velocity"]}"#;
         let fields: DecisionFields = serde_json::from_slice(payload).unwrap();
-        assert_eq!(fields.decision.as_deref(), Some("decline"));
+        assert_eq!(fields.decision, "decline");
         assert_eq!(fields.score, Some(0.93));
         // The outcome borrows the payload unless it has escapes.
-        assert!(matches!(
-            fields.decision,
-            Some(std::borrow::Cow::Borrowed(_))
-        ));
+        assert!(matches!(fields.decision, Cow::Borrowed(_)));
         let escaped: DecisionFields =
             serde_json::from_slice(br#"{"decision":"re\"view"}"#).unwrap();
-        assert_eq!(escaped.decision.as_deref(), Some("re\"view"));
+        assert_eq!(escaped.decision, "re\"view");
         assert_eq!(escaped.score, None);
-        // Not a decision: counted as "?" with no score by the caller.
+        // Not a decision: the caller counts it as "?" with no score.
         let garbage: DecisionFields = serde_json::from_slice(b"not json").unwrap_or_default();
-        assert_eq!(garbage.decision, None);
+        assert_eq!(garbage.decision, "");
     }
 }
