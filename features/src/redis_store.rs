@@ -21,7 +21,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::resp::{self, ReplyError};
 use crate::store::{FeatureStore, HashRead, HashValues, StoreAnswer};
-use crate::velocity::{decode_lua_reply, VelocityUpdate, VELOCITY_LUA};
+use crate::velocity::{decode_lua_reply, VelocityCounts, VelocityUpdate, VELOCITY_LUA};
 use crate::{FeatureError, Result};
 
 /// `[redis]` section of the config.
@@ -362,6 +362,9 @@ impl FeatureStore for RedisFeatureStore {
             });
         }
         let commands = reads.len() + sent.len();
+        // The script wants a key's events in one run (see `VELOCITY_LUA`): each update is
+        // sent sorted stably by key, and its answers go back to batch order when decoded.
+        let key_orders: Vec<Vec<u32>> = updates.iter().map(grouped_by_key).collect();
         let encode = |out: &mut Vec<u8>| {
             for read in reads {
                 resp::push_command(out, 2 + read.fields.len());
@@ -371,7 +374,10 @@ impl FeatureStore for RedisFeatureStore {
                     resp::push_arg(out, field.as_bytes());
                 }
             }
-            for update in &sent {
+            for (update, order) in updates.iter().zip(&key_orders) {
+                if update.events.is_empty() {
+                    continue;
+                }
                 // EVAL with the script text, not EVALSHA: no NOSCRIPT after a Redis restart, and
                 // Redis caches the compiled script by its hash anyway.
                 let events = update.events.len();
@@ -380,15 +386,16 @@ impl FeatureStore for RedisFeatureStore {
                 resp::push_arg(out, b"EVAL");
                 resp::push_arg(out, VELOCITY_LUA.as_bytes());
                 resp::push_int_arg(out, events as i64);
-                for e in &update.events {
-                    resp::push_arg(out, e.key.as_bytes());
+                for &e in order {
+                    resp::push_arg(out, update.events[e as usize].key.as_bytes());
                 }
                 resp::push_int_arg(out, windows as i64);
                 for &window in &update.windows_ms {
                     resp::push_int_arg(out, window);
                 }
                 resp::push_int_arg(out, update.horizon_ms);
-                for e in &update.events {
+                for &e in order {
+                    let e = &update.events[e as usize];
                     resp::push_int_arg(out, e.event_time_ms);
                     resp::push_int_arg(out, e.amount_cents);
                     resp::push_arg(out, e.id.as_bytes());
@@ -406,18 +413,20 @@ impl FeatureStore for RedisFeatureStore {
                 resp::decode_hmget(connection.reply(i), read.fields.len(), &mut answer.hashes)?;
             }
             let mut next = reads.len();
-            for update in updates {
+            for (update, order) in updates.iter().zip(&key_orders) {
                 if update.events.is_empty() {
                     answer.velocity.push(Vec::new());
                     continue;
                 }
                 let reply = resp::decode_bulk(connection.reply(next))?;
                 next += 1;
-                answer.velocity.push(decode_lua_reply(
-                    reply,
-                    update.events.len(),
-                    update.windows_ms.len(),
-                )?);
+                let sent_order =
+                    decode_lua_reply(reply, update.events.len(), update.windows_ms.len())?;
+                let mut in_batch_order = vec![VelocityCounts::default(); sent_order.len()];
+                for (counts, &e) in sent_order.into_iter().zip(order) {
+                    in_batch_order[e as usize] = counts;
+                }
+                answer.velocity.push(in_batch_order);
             }
             Ok(answer)
         };
@@ -436,4 +445,16 @@ impl FeatureStore for RedisFeatureStore {
         })
         .await
     }
+}
+
+/// The update's event indices, sorted stably by key: each key's events in one run, in batch
+/// order, as the velocity script expects.
+fn grouped_by_key(update: &VelocityUpdate<'_>) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..update.events.len() as u32).collect();
+    order.sort_by(|&a, &b| {
+        update.events[a as usize]
+            .key
+            .cmp(&update.events[b as usize].key)
+    });
+    order
 }

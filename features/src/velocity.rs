@@ -155,7 +155,8 @@ pub struct VelocityEvent<'a> {
     pub id: Cow<'a, str>,
 }
 
-/// All events of one spec in one batch, in batch order: the store applies them in that order.
+/// All events of one spec in one batch, in batch order: the store applies each key's events in
+/// that order (keys are independent of one another).
 #[derive(Debug, Clone)]
 pub struct VelocityUpdate<'a> {
     pub windows_ms: Vec<i64>,
@@ -175,13 +176,17 @@ pub struct VelocityCounts {
 ///
 /// `KEYS[i]` is event *i*'s sorted set; `ARGV` = window count, the windows (ms), the horizon
 /// (ms), then per event: event time (ms), amount (cents), id. Returns per event
-/// `late, count_1, sum_1, …, count_n, sum_n` (all integers).
+/// `late, count_1, sum_1, …, count_n, sum_n` (all integers), in the order sent.
 ///
-/// Cost: each distinct key of the batch is read once (`ZRANGE 0 -1`) and written once (one
-/// `ZADD` of all its new events, `PEXPIRE`, and `ZREMRANGEBYSCORE` only when something has
-/// fallen out of the horizon); the windows are counted in Lua over the key's retained events.
-/// Trimming happens at the end of the batch, so within a batch every event sees the same
-/// retained history plus the batch's earlier events (exact for non-late events either way).
+/// **The caller sends a key's events together** (one contiguous run per key, in batch order;
+/// [`crate::RedisFeatureStore`] sorts them stably by key and puts the answers back in batch
+/// order). The script then handles one key at a time with plain locals: read it once
+/// (`ZRANGE 0 -1`), count its events, write it once (one `ZADD` of its new events,
+/// `PEXPIRE`, and `ZREMRANGEBYSCORE` only when something has fallen out of the horizon).
+/// The key's trimming comes after all of its events of the batch, so within a batch every
+/// event sees the same retained history plus the batch's earlier events (exact for non-late
+/// events either way). Most keys of a batch are an entity's first event within the horizon;
+/// they take a short path that builds no table.
 pub const VELOCITY_LUA: &str = r#"
 local nw = tonumber(ARGV[1])
 local windows = {}
@@ -197,75 +202,89 @@ local horizon_arg = ARGV[nw + 2]
 local horizon = tonumber(horizon_arg)
 local lateness = horizon - longest
 local base = nw + 2
-local state = {}
-local order = {}
 local out = {}
 -- Per event: late flag, then count and cents per window, formatted as integers in one call.
 local row_format = string.rep('%d ', 2 * nw) .. '%d'
 local row = {}
-for r = 1, #KEYS do
-  local key = KEYS[r]
-  local st = state[key]
-  if st == nil then
-    st = {times = {}, cents = {}, pos = {}, newest = nil, add = {}}
-    local all = redis.call('ZRANGE', key, '0', '-1', 'WITHSCORES')
+-- The current key's retained and new events; reused from key to key (only 1..n is live).
+local times, cents, add = {}, {}, {}
+local nkeys = #KEYS
+local first = 1
+while first <= nkeys do
+  local key = KEYS[first]
+  local last = first
+  while last < nkeys and KEYS[last + 1] == key do last = last + 1 end
+  local all = redis.call('ZRANGE', key, '0', '-1', 'WITHSCORES')
+  if #all == 0 and last == first then
+    -- Nothing retained and one event: it sees itself alone in every window, and is newest.
+    local a = base + 3 * (first - 1)
+    local c = ARGV[a + 2]
+    out[first] = '0' .. string.rep(' 1 ' .. c, nw)
+    redis.call('ZADD', key, ARGV[a + 1], c .. ':' .. ARGV[a + 3])
+  else
+    local n = 0
+    local newest = nil
+    -- member -> index, to spot a redelivered event (the same member again).
+    local pos = {}
     for i = 1, #all, 2 do
-      local n = #st.times + 1
+      n = n + 1
       local t = tonumber(all[i + 1])
-      st.times[n] = t
-      st.cents[n] = tonumber(string.match(all[i], '^(-?%d+):'))
-      st.pos[all[i]] = n
-      if st.newest == nil or t > st.newest then st.newest = t end
+      times[n] = t
+      cents[n] = tonumber(string.match(all[i], '^(-?%d+):'))
+      pos[all[i]] = n
+      if newest == nil or t > newest then newest = t end
     end
-    state[key] = st
-    order[#order + 1] = key
-  end
-  local time_arg = ARGV[base + 3 * (r - 1) + 1]
-  local t = tonumber(time_arg)
-  local cents = ARGV[base + 3 * (r - 1) + 2]
-  local member = cents .. ':' .. ARGV[base + 3 * (r - 1) + 3]
-  local p = st.pos[member]
-  if p == nil then
-    p = #st.times + 1
-    st.pos[member] = p
-    st.cents[p] = tonumber(cents)
-  end
-  st.times[p] = t
-  st.add[#st.add + 1] = time_arg
-  st.add[#st.add + 1] = member
-  if st.newest == nil or t > st.newest then st.newest = t end
-  if t < st.newest - lateness then row[1] = 1 else row[1] = 0 end
-  for i = 1, 2 * nw do row[1 + i] = 0 end
-  for e = 1, #st.times do
-    local et = st.times[e]
-    if et <= t and et > t - longest then
-      for i = 1, nw do
-        if et > t - windows[i] then
-          row[2 * i] = row[2 * i] + 1
-          row[2 * i + 1] = row[2 * i + 1] + st.cents[e]
+    local nadd = 0
+    for r = first, last do
+      local a = base + 3 * (r - 1)
+      local time_arg = ARGV[a + 1]
+      local t = tonumber(time_arg)
+      local c = ARGV[a + 2]
+      local member = c .. ':' .. ARGV[a + 3]
+      local p = pos[member]
+      if p == nil then
+        n = n + 1
+        p = n
+        pos[member] = p
+        cents[p] = tonumber(c)
+      end
+      times[p] = t
+      add[nadd + 1] = time_arg
+      add[nadd + 2] = member
+      nadd = nadd + 2
+      if newest == nil or t > newest then newest = t end
+      if t < newest - lateness then row[1] = 1 else row[1] = 0 end
+      for i = 1, 2 * nw do row[1 + i] = 0 end
+      for e = 1, n do
+        local et = times[e]
+        if et <= t and et > t - longest then
+          for i = 1, nw do
+            if et > t - windows[i] then
+              row[2 * i] = row[2 * i] + 1
+              row[2 * i + 1] = row[2 * i + 1] + cents[e]
+            end
+          end
         end
+      end
+      out[r] = string.format(row_format, unpack(row, 1, 1 + 2 * nw))
+    end
+    -- In chunks of 500 pairs: unpack is bounded by Lua's stack.
+    local i = 1
+    while i <= nadd do
+      local j = math.min(i + 999, nadd)
+      redis.call('ZADD', key, unpack(add, i, j))
+      i = j + 1
+    end
+    local cut = newest - horizon
+    for e = 1, n do
+      if times[e] <= cut then
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', cut))
+        break
       end
     end
   end
-  out[r] = string.format(row_format, unpack(row, 1, 1 + 2 * nw))
-end
-for _, key in ipairs(order) do
-  local st = state[key]
-  -- In chunks of 500 pairs: unpack is bounded by Lua's stack.
-  local i = 1
-  while i <= #st.add do
-    local j = math.min(i + 999, #st.add)
-    redis.call('ZADD', key, unpack(st.add, i, j))
-    i = j + 1
-  end
-  local cut = st.newest - horizon
-  for e = 1, #st.times do
-    if st.times[e] <= cut then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', cut))
-      break
-    end
-  end
   redis.call('PEXPIRE', key, horizon_arg)
+  first = last + 1
 end
 -- One bulk string, not an array of integers: a 500-row batch answers 3,500 integers, and
 -- parsing that many RESP elements cost the client more than the script's own work.

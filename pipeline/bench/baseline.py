@@ -165,10 +165,13 @@ def main():
             for tx in rows:
                 pipe.hmget("card:" + tx["card_id"], CARD_FIELDS)
                 pipe.hmget("merchant:" + tx["merchant_id"], MERCHANT_FIELDS)
+            # The script wants each card's events in one run, in batch order (a stable sort).
+            by_card = sorted(range(n), key=lambda i: rows[i]["card_id"])
             velocity_args = [len(WINDOWS_MS), *WINDOWS_MS, HORIZON_MS]
-            for tx in rows:
+            for i in by_card:
+                tx = rows[i]
                 velocity_args += [tx["event_time_ms"], round(tx["amount"] * 100), tx["transaction_id"]]
-            velocity(keys=["velocity:card:" + tx["card_id"] for tx in rows], args=velocity_args, client=pipe)
+            velocity(keys=["velocity:card:" + rows[i]["card_id"] for i in by_card], args=velocity_args, client=pipe)
             replies = pipe.execute()
             cards, merchants, counts = replies[0:-1:2], replies[1:-1:2], replies[-1]
 
@@ -179,7 +182,8 @@ def main():
             avg = floats(field(cards, 0))
             home = field(cards, 4)
             event_ms = np.array([tx["event_time_ms"] for tx in rows], dtype=np.int64)
-            per_event = np.array(counts.split(), dtype=np.int64).reshape(n, 1 + 2 * len(WINDOWS_MS))
+            per_event = np.empty((n, 1 + 2 * len(WINDOWS_MS)), dtype=np.int64)
+            per_event[by_card] = np.array(counts.split(), dtype=np.int64).reshape(n, 1 + 2 * len(WINDOWS_MS))
             columns = {
                 "amount": amount,
                 "amount_to_card_avg": amount / avg,
