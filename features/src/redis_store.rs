@@ -3,21 +3,29 @@
 //! `HMGET`s per batch; the same pipeline carries the batch's velocity updates (one `EVAL` per
 //! velocity spec, see [`crate::velocity`]).
 //!
-//! The connections and the protocol are verdict's own ([`crate::resp`]); the redis crate only
+//! The connection and the protocol are verdict's own ([`crate::resp`]); the redis crate only
 //! parses the URL. Timeouts are not optional: without them a request against a paused server
 //! hangs forever. A connection that fails is closed and the next batch opens a new one, so a
 //! restarted Redis costs one failed batch, not a stalled pipeline.
+//!
+//! One connection carries every batch, pipelined: a batch's commands are written as soon as
+//! it has them, whether or not the batches before it have their replies yet, and replies come
+//! back in the order sent. So Redis has the next batch queued while the client decodes the
+//! last one, and batches reach Redis, velocity updates included, in the order their round
+//! trips started.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::resp::{self, ReplyError};
 use crate::store::{FeatureStore, HashRead, HashValues, StoreAnswer};
@@ -56,30 +64,56 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// Reads entity hashes from Redis over connections of its own (see [`crate::resp`] for why
+/// Reads entity hashes from Redis over a connection of its own (see [`crate::resp`] for why
 /// not the redis crate's).
 ///
-/// Connections are pooled: a round trip takes an idle one (or opens one), and gives it back
-/// only once every reply has been read, so a connection that a timeout or a cancelled batch
-/// abandoned halfway is closed, never reused out of step. Concurrent batches (two workloads)
-/// each get their own connection instead of queueing behind one another.
+/// Every round trip goes through one pipelined connection (see the module doc), opened
+/// lazily and reopened after a failure. Concurrent batches (two in flight in one workload,
+/// or two workloads) do not wait for each other's replies; Redis runs their commands in the
+/// order they were sent.
 #[derive(Clone)]
 pub struct RedisFeatureStore {
     shared: Arc<Shared>,
 }
 
-/// Idle connections kept; more are closed when given back. One per concurrent batch is
-/// enough, and a handful covers every workload of one process.
-const MAX_IDLE_CONNECTIONS: usize = 8;
-
 struct Shared {
+    /// How to open a connection; shared with the connection's task.
+    opener: Arc<Opener>,
+    /// The open connection's request queue; `None` before the first round trip. Requests are
+    /// queued under this lock without waiting for anything, so they go out in the order the
+    /// round trips started.
+    connection: std::sync::Mutex<Option<mpsc::UnboundedSender<Request>>>,
+    response_timeout: Duration,
+}
+
+/// Where and how to connect.
+struct Opener {
     address: Address,
     /// `AUTH` and `SELECT` as the URL asks, encoded once; sent first on every new connection.
     handshake: Vec<u8>,
     handshake_commands: usize,
-    idle: Mutex<Vec<Connection>>,
-    response_timeout: Duration,
     connect_timeout: Duration,
+}
+
+/// One round trip's commands, how many replies they get, and where the replies go.
+struct Request {
+    commands: Vec<u8>,
+    replies: usize,
+    answer: oneshot::Sender<Result<Replies>>,
+}
+
+/// One round trip's replies, each a complete RESP reply.
+struct Replies {
+    bytes: Vec<u8>,
+    /// Where each reply ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Replies {
+    fn reply(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
 }
 
 /// Where to connect, from the URL.
@@ -100,7 +134,8 @@ enum Address {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
-/// One connection and its buffers, kept across round trips so a batch allocates nothing here.
+/// A connection being opened: the handshake is one plain round trip, then its stream goes to
+/// [`serve`], which pipelines every later round trip.
 struct Connection {
     stream: Box<dyn Stream>,
     /// The commands of the round trip being built.
@@ -233,81 +268,114 @@ impl RedisFeatureStore {
         }
         Ok(Self {
             shared: Arc::new(Shared {
-                address,
-                handshake,
-                handshake_commands,
-                idle: Mutex::new(Vec::new()),
+                opener: Arc::new(Opener {
+                    address,
+                    handshake,
+                    handshake_commands,
+                    connect_timeout: config.connect_timeout,
+                }),
+                connection: std::sync::Mutex::new(None),
                 response_timeout: config.response_timeout,
-                connect_timeout: config.connect_timeout,
             }),
         })
     }
 
-    /// Runs one round trip on a pooled connection, bounded by the response timeout (which
-    /// covers a reconnect too, as the batch's budget does). `encode` writes the commands into
-    /// the connection's buffer and says how many; `decode` reads the replies.
+    /// Runs one round trip on the pipelined connection, bounded by the response timeout
+    /// (which covers a reconnect too, as the batch's budget does). `encode` writes the
+    /// commands and says how many; `decode` reads the replies.
+    ///
+    /// The request is queued before anything here waits (see [`Shared::queue`]), so a
+    /// caller that starts round trips in order, polling each once before starting the next,
+    /// gets them sent, and applied by Redis, in that order.
     async fn round_trip<T>(
         &self,
         encode: impl FnOnce(&mut Vec<u8>) -> usize,
-        decode: impl FnOnce(&Connection) -> Result<T>,
+        decode: impl FnOnce(&Replies) -> Result<T>,
     ) -> Result<T> {
         let shared = &self.shared;
+        let mut commands = Vec::with_capacity(16 * 1024);
+        let replies = encode(&mut commands);
+        let (queue, answered) = shared.queue(commands, replies);
         let work = async {
-            let mut connection = shared.connection().await?;
-            connection.out.clear();
-            let commands = encode(&mut connection.out);
-            if let Err(error) = connection.round_trip(commands).await {
-                // After a restart every idle connection is dead too: close them all now rather
-                // than failing one batch per connection.
-                shared.forget_idle();
-                return Err(error);
-            }
-            let decoded = decode(&connection);
-            // Every reply was read, so the connection is in step even when one reply was an
-            // error from Redis; anything else stays suspect and is closed.
-            if matches!(
-                &decoded,
-                Ok(_) | Err(FeatureError::Reply(ReplyError::Server(_)))
-            ) {
-                shared.give_back(connection);
-            }
-            decoded
+            let replies = answered.await.map_err(|_| connection_closed())??;
+            decode(&replies)
         };
         match tokio::time::timeout(shared.response_timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(FeatureError::StoreTimeout {
-                timeout_ms: shared.response_timeout.as_millis(),
-            }),
+            Err(_) => {
+                // A server that did not answer in time may never answer (paused, or cut off
+                // without a reset): the next round trip opens a new connection. This one
+                // closes once the round trips still on it are done.
+                shared.forget(&queue);
+                Err(FeatureError::StoreTimeout {
+                    timeout_ms: shared.response_timeout.as_millis(),
+                })
+            }
         }
     }
 }
 
+fn connection_closed() -> FeatureError {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the connection to Redis closed").into()
+}
+
 impl Shared {
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    /// Queues a request on the connection, starting a new one (which connects first, with
+    /// the request already queued) if there is none or the last one failed.
+    ///
+    /// Returns the connection's queue (to [`Shared::forget`] it) and where the answer comes.
+    fn queue(
+        &self,
+        commands: Vec<u8>,
+        replies: usize,
+    ) -> (
+        mpsc::UnboundedSender<Request>,
+        oneshot::Receiver<Result<Replies>>,
+    ) {
+        let mut connection = self.connection();
+        let (answer, answered) = oneshot::channel();
+        let mut request = Request {
+            commands,
+            replies,
+            answer,
+        };
+        if let Some(queue) = connection.as_ref() {
+            match queue.send(request) {
+                Ok(()) => return (queue.clone(), answered),
+                // That connection failed (its task ended): start another.
+                Err(mpsc::error::SendError(returned)) => request = returned,
+            }
+        }
+        let (queue, requests) = mpsc::unbounded_channel();
+        // Cannot fail: `requests` is alive.
+        let _ = queue.send(request);
+        tokio::spawn(serve(Arc::clone(&self.opener), requests));
+        *connection = Some(queue.clone());
+        (queue, answered)
     }
 
-    async fn connection(&self) -> Result<Connection> {
-        if let Some(connection) = self.idle().pop() {
-            return Ok(connection);
+    /// Stops queueing on `queue`'s connection, if it is still the current one.
+    fn forget(&self, queue: &mpsc::UnboundedSender<Request>) {
+        let mut connection = self.connection();
+        if connection.as_ref().is_some_and(|c| c.same_channel(queue)) {
+            *connection = None;
         }
+    }
+
+    fn connection(&self) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<Request>>> {
+        self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Opener {
+    /// Opens a connection and runs the handshake, within the connect timeout.
+    async fn open_in_time(&self) -> Result<Connection> {
         match tokio::time::timeout(self.connect_timeout, self.open()).await {
             Ok(result) => result,
             Err(_) => Err(FeatureError::StoreTimeout {
                 timeout_ms: self.connect_timeout.as_millis(),
             }),
         }
-    }
-
-    fn give_back(&self, connection: Connection) {
-        let mut idle = self.idle();
-        if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push(connection);
-        }
-    }
-
-    fn forget_idle(&self) {
-        self.idle().clear();
     }
 
     async fn open(&self) -> Result<Connection> {
@@ -403,14 +471,14 @@ impl FeatureStore for RedisFeatureStore {
             }
             commands
         };
-        let decode = |connection: &Connection| {
+        let decode = |replies: &Replies| {
             let values = reads.iter().map(|r| r.fields.len()).sum();
             let mut answer = StoreAnswer {
                 hashes: HashValues::with_capacity(reads.len(), values, values * 8),
                 velocity: Vec::with_capacity(updates.len()),
             };
             for (i, read) in reads.iter().enumerate() {
-                resp::decode_hmget(connection.reply(i), read.fields.len(), &mut answer.hashes)?;
+                resp::decode_hmget(replies.reply(i), read.fields.len(), &mut answer.hashes)?;
             }
             let mut next = reads.len();
             for (update, order) in updates.iter().zip(&key_orders) {
@@ -418,7 +486,7 @@ impl FeatureStore for RedisFeatureStore {
                     answer.velocity.push(Vec::new());
                     continue;
                 }
-                let reply = resp::decode_bulk(connection.reply(next))?;
+                let reply = resp::decode_bulk(replies.reply(next))?;
                 next += 1;
                 let sent_order =
                     decode_lua_reply(reply, update.events.len(), update.windows_ms.len())?;
@@ -439,11 +507,111 @@ impl FeatureStore for RedisFeatureStore {
             resp::push_arg(out, b"PING");
             1
         };
-        self.round_trip(encode, |connection| {
-            resp::decode_simple(connection.reply(0))?;
+        self.round_trip(encode, |replies| {
+            resp::decode_simple(replies.reply(0))?;
             Ok(())
         })
         .await
+    }
+}
+
+/// Runs one connection: connects, then writes each queued request as it comes, reads replies as they come,
+/// and answers each request once all of its replies are in. Requests are answered in the
+/// order written, which is the order Redis answers them. On any failure every request in
+/// flight gets the error and the task ends; the next round trip opens a new connection. It
+/// also ends when the store is dropped (the queue closes).
+async fn serve(opener: Arc<Opener>, mut requests: mpsc::UnboundedReceiver<Request>) {
+    let mut stream = match opener.open_in_time().await {
+        Ok(connection) => connection.stream,
+        Err(error) => {
+            // Everything queued meanwhile fails with the reason; later requests start over.
+            requests.close();
+            let reason = error.to_string();
+            let mut first = Some(error);
+            while let Ok(request) = requests.try_recv() {
+                let error = first.take().unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotConnected, reason.clone()).into()
+                });
+                let _ = request.answer.send(Err(error));
+            }
+            return;
+        }
+    };
+    /// Whether the next event is a request to write or bytes read.
+    enum Event {
+        Request(Option<Request>),
+        Read(io::Result<usize>),
+    }
+    let mut in_flight: VecDeque<(usize, oneshot::Sender<Result<Replies>>)> = VecDeque::new();
+    let mut read = vec![0u8; Connection::READ_BUFFER_BYTES];
+    // `read[..filled]` holds bytes read; `read[..parsed]` the first request's complete
+    // replies, ending at `ends`.
+    let mut filled = 0;
+    let mut parsed = 0;
+    let mut ends: Vec<usize> = Vec::new();
+    let failure: io::Error = 'serve: loop {
+        // Answer every request whose replies are all in.
+        while let Some(&(replies, _)) = in_flight.front() {
+            while ends.len() < replies {
+                match resp::reply_len(&read[parsed..filled]) {
+                    Ok(Some(len)) => {
+                        parsed += len;
+                        ends.push(parsed);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        break 'serve io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+                    }
+                }
+            }
+            if ends.len() < replies {
+                break;
+            }
+            let answer = Replies {
+                bytes: read[..parsed].to_vec(),
+                ends: std::mem::take(&mut ends),
+            };
+            read.copy_within(parsed..filled, 0);
+            filled -= parsed;
+            parsed = 0;
+            if let Some((_, to)) = in_flight.pop_front() {
+                // Gone if its round trip timed out: the replies are dropped, in step.
+                let _ = to.send(Ok(answer));
+            }
+        }
+        if filled == read.len() {
+            read.resize(read.len() * 2, 0);
+        }
+        let event = tokio::select! {
+            request = requests.recv() => Event::Request(request),
+            n = stream.read(&mut read[filled..]) => Event::Read(n),
+        };
+        match event {
+            // The store is gone.
+            Event::Request(None) => return,
+            Event::Request(Some(request)) => {
+                in_flight.push_back((request.replies, request.answer));
+                if let Err(e) = stream.write_all(&request.commands).await {
+                    break e;
+                }
+            }
+            Event::Read(Ok(0)) => {
+                break io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection")
+            }
+            Event::Read(Ok(n)) if in_flight.is_empty() => {
+                break io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{n} bytes from Redis with no request in flight"),
+                )
+            }
+            Event::Read(Ok(n)) => filled += n,
+            Event::Read(Err(e)) => break e,
+        }
+    };
+    for (_, to) in in_flight {
+        let _ = to.send(Err(
+            io::Error::new(failure.kind(), failure.to_string()).into()
+        ));
     }
 }
 

@@ -16,8 +16,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures::future::{self, Either};
+use futures::stream::{FuturesOrdered, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -40,6 +43,10 @@ use crate::PipelineError;
 
 /// Batches enqueued to the producer and awaiting their acknowledgement, per workload.
 const MAX_BATCHES_AWAITING_ACK: usize = 8;
+
+/// Batches one workload has in the feature stage at once: one whose replies are being read
+/// and joined, one whose commands are already with Redis. More would only queue in Redis.
+const ENRICH_IN_FLIGHT: usize = 2;
 
 /// How long the sink keeps retrying a failed delivery after shutdown was requested; past it
 /// the batch stays unacknowledged (its offsets uncommitted) and is consumed again next run.
@@ -635,8 +642,33 @@ fn spawn_workload(
         let counters = Arc::clone(&counters);
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            while let Some(batch) = input_rx.recv().await {
-                let enriched = workload.enrich(store.as_ref(), batch).await;
+            // Up to `ENRICH_IN_FLIGHT` batches at once, so the next batch's lookups reach
+            // Redis while this one's replies are decoded and joined: the store's connection
+            // is pipelined. Order holds: a batch is polled once as soon as it is taken, which
+            // queues its round trip (the store queues before it waits for anything), so round
+            // trips go out in batch order, velocity updates included; and batches leave in
+            // the order they came.
+            let mut in_flight = FuturesOrdered::new();
+            let mut input_open = true;
+            loop {
+                let enriched = tokio::select! {
+                    biased;
+                    Some(enriched) = in_flight.next(), if !in_flight.is_empty() => enriched,
+                    batch = input_rx.recv(), if input_open && in_flight.len() < ENRICH_IN_FLIGHT => {
+                        match batch {
+                            Some(batch) => {
+                                let mut enriching = Box::pin(workload.enrich(store.as_ref(), batch));
+                                in_flight.push_back(match futures::poll!(enriching.as_mut()) {
+                                    Poll::Ready(enriched) => Either::Left(future::ready(enriched)),
+                                    Poll::Pending => Either::Right(enriching),
+                                });
+                            }
+                            None => input_open = false,
+                        }
+                        continue;
+                    }
+                    else => break,
+                };
                 if let Some(reason) = &enriched.degraded {
                     counters.degraded_batches.fetch_add(1, Ordering::Relaxed);
                     metrics.error(ErrorStage::FeatureStore);

@@ -137,6 +137,46 @@ proptest! {
     }
 }
 
+/// Round trips started one after another share one pipelined connection: each is sent
+/// before the earlier ones have their replies, yet Redis applies them, and their answers
+/// reach their callers, in the order they started. Forty one-event updates of one card, all
+/// in flight at once: the n-th sees n events, and their amounts.
+#[test]
+fn round_trips_in_flight_together_apply_in_the_order_they_started() {
+    let server = redis();
+    let (_stack, runtime, store) = &*server;
+    let updates: Vec<VelocityUpdate<'static>> = (0..40i64)
+        .map(|n| VelocityUpdate {
+            windows_ms: WINDOWS_MS.to_vec(),
+            horizon_ms: HORIZON_MS,
+            events: vec![VelocityEvent {
+                key: "in-flight:card-1".into(),
+                event_time_ms: 1_750_000_000_000 + n * 1_000,
+                amount_cents: 100 + n,
+                id: format!("tx-{n}").into(),
+            }],
+        })
+        .collect();
+    let answers = runtime.block_on(async {
+        let mut in_flight = Vec::new();
+        for update in &updates {
+            let mut fetch = store.fetch(&[], std::slice::from_ref(update));
+            // Polled once as it starts, as the pipeline's feature stage does.
+            assert!(futures::poll!(fetch.as_mut()).is_pending());
+            in_flight.push(fetch);
+        }
+        futures::future::join_all(in_flight).await
+    });
+    for (n, answer) in answers.into_iter().enumerate() {
+        let answer = answer.expect("redis answers");
+        let seen = &answer.velocity[0][0];
+        let n = n as i64;
+        assert_eq!(seen.counts, vec![n + 1; 3], "update {n}");
+        let sum: i64 = (0..=n).map(|i| 100 + i).sum();
+        assert_eq!(seen.sums_cents[2], sum, "update {n}");
+    }
+}
+
 /// Keys carry a TTL of the horizon, so an idle card's history leaves Redis by itself.
 #[test]
 fn velocity_keys_expire_after_the_horizon() {
