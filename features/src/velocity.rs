@@ -207,7 +207,7 @@ local out = {}
 local row_format = string.rep('%d ', 2 * nw) .. '%d'
 local row = {}
 -- The current key's retained and new events; reused from key to key (only 1..n is live).
-local times, cents, add = {}, {}, {}
+local times, cents, members, add = {}, {}, {}, {}
 local nkeys = #KEYS
 local first = 1
 while first <= nkeys do
@@ -224,14 +224,13 @@ while first <= nkeys do
   else
     local n = 0
     local newest = nil
-    -- member -> index, to spot a redelivered event (the same member again).
-    local pos = {}
     for i = 1, #all, 2 do
       n = n + 1
       local t = tonumber(all[i + 1])
+      local m = all[i]
       times[n] = t
-      cents[n] = tonumber(string.match(all[i], '^(-?%d+):'))
-      pos[all[i]] = n
+      members[n] = m
+      cents[n] = tonumber(string.sub(m, 1, string.find(m, ':', 1, true) - 1))
       if newest == nil or t > newest then newest = t end
     end
     local nadd = 0
@@ -241,11 +240,19 @@ while first <= nkeys do
       local t = tonumber(time_arg)
       local c = ARGV[a + 2]
       local member = c .. ':' .. ARGV[a + 3]
-      local p = pos[member]
+      -- A redelivered event is a member already there. A scan, not a table: Lua compares
+      -- strings by reference, and building a table per key cost more than the scans.
+      local p = nil
+      for e = 1, n do
+        if members[e] == member then
+          p = e
+          break
+        end
+      end
       if p == nil then
         n = n + 1
         p = n
-        pos[member] = p
+        members[p] = member
         cents[p] = tonumber(c)
       end
       times[p] = t

@@ -22,8 +22,8 @@ pub struct BoxCpu {
 pub struct BoxCpuSample {
     /// CPU seconds per process, in [`BoxCpu`]'s order; `None` where it could not be read.
     processes: Vec<Option<f64>>,
-    /// Busy CPU seconds of the whole machine, all cores together.
-    machine_busy_s: Option<f64>,
+    /// Busy and stolen CPU seconds of the whole machine, all cores together.
+    machine_s: Option<MachineSeconds>,
     /// Per Redis command: calls and µs spent, from `INFO commandstats`.
     redis_commands: BTreeMap<String, (f64, f64)>,
 }
@@ -39,6 +39,10 @@ pub struct BoxCpuSplit {
     pub machine_us: f64,
     /// Cores the machine kept busy on average.
     pub machine_busy_cores: f64,
+    /// Cores the hypervisor took away on average (steal time): while a virtual core waits for
+    /// a real one it is neither busy nor idle here, and a slow phase shows up in this figure
+    /// only if the host reports it.
+    pub machine_steal_cores: f64,
     /// Redis's time inside each command, µs per decision, largest first. A script's time
     /// includes the commands it calls, which are listed as well. Redis measures elapsed time,
     /// so on a box short of cores this includes Redis waiting for one, and the commands can
@@ -61,9 +65,9 @@ impl BoxCpu {
                 .iter()
                 .map(|(_, pid)| cpu_seconds_of(&format!("/proc/{pid}/stat")))
                 .collect(),
-            machine_busy_s: std::fs::read_to_string("/proc/stat")
+            machine_s: std::fs::read_to_string("/proc/stat")
                 .ok()
-                .and_then(|stat| machine_busy_seconds(&stat)),
+                .and_then(|stat| machine_seconds(&stat)),
             redis_commands: self
                 .redis_url
                 .as_deref()
@@ -94,9 +98,9 @@ impl BoxCpu {
                 (name.clone(), used)
             })
             .collect();
-        let machine_s = match (before.machine_busy_s, after.machine_busy_s) {
-            (Some(b), Some(a)) => a - b,
-            _ => f64::NAN,
+        let (machine_s, steal_s) = match (before.machine_s, after.machine_s) {
+            (Some(b), Some(a)) => (a.busy - b.busy, a.steal - b.steal),
+            _ => (f64::NAN, f64::NAN),
         };
         let machine_us = machine_s * per_decision;
         let mut redis_commands: Vec<(String, f64)> = after
@@ -114,6 +118,7 @@ impl BoxCpu {
             processes,
             machine_us,
             machine_busy_cores: machine_s / elapsed_s.max(1e-9),
+            machine_steal_cores: steal_s / elapsed_s.max(1e-9),
             redis_commands,
         }
     }
@@ -134,18 +139,28 @@ impl BoxCpuSplit {
             .map(|(command, us)| format!("{command} {us:.1}"))
             .collect();
         format!(
-            "    whole box, CPU µs per decision: {}, everything else {:.1}; machine {:.1} ({:.2} cores busy). Inside Redis (elapsed µs per decision): {}",
+            "    whole box, CPU µs per decision: {}, everything else {:.1}; machine {:.1} ({:.2} cores busy, {:.2} stolen). Inside Redis (elapsed µs per decision): {}",
             parts.join(", "),
             self.other_us,
             self.machine_us,
             self.machine_busy_cores,
+            self.machine_steal_cores,
             if redis.is_empty() { "?".to_string() } else { redis.join(", ") },
         )
     }
 }
 
-/// Busy seconds (everything but idle and iowait) of all cores from `/proc/stat`'s `cpu` line.
-fn machine_busy_seconds(stat: &str) -> Option<f64> {
+/// All cores' CPU seconds from `/proc/stat`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MachineSeconds {
+    /// Running anything: everything but idle, iowait and steal.
+    busy: f64,
+    /// Taken by the hypervisor.
+    steal: f64,
+}
+
+/// All cores' busy and stolen seconds from `/proc/stat`'s `cpu` line.
+fn machine_seconds(stat: &str) -> Option<MachineSeconds> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let ticks: Vec<f64> = line
         .split_whitespace()
@@ -153,8 +168,11 @@ fn machine_busy_seconds(stat: &str) -> Option<f64> {
         .map(|v| v.parse::<f64>().ok())
         .collect::<Option<_>>()?;
     // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
-    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
-    Some(busy / 100.0)
+    let busy: f64 = ticks.iter().take(7).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
+    Some(MachineSeconds {
+        busy: busy / 100.0,
+        steal: ticks.get(7)? / 100.0,
+    })
 }
 
 fn redis_commandstats(url: &str) -> redis::RedisResult<String> {
@@ -195,10 +213,16 @@ mod tests {
     }
 
     #[test]
-    fn machine_busy_leaves_out_idle_and_iowait() {
-        let stat = "cpu  100 20 30 1000 50 5 5 0 0 0\ncpu0 50 10 15 500 25 2 3 0 0 0\n";
-        // user 100 + nice 20 + system 30 + irq 5 + softirq 5 + steal 0 = 160 ticks.
-        assert_eq!(machine_busy_seconds(stat), Some(1.6));
+    fn machine_busy_leaves_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 20 30 1000 50 5 5 40 0 0\ncpu0 50 10 15 500 25 2 3 20 0 0\n";
+        // user 100 + nice 20 + system 30 + irq 5 + softirq 5 = 160 ticks; steal 40.
+        assert_eq!(
+            machine_seconds(stat),
+            Some(MachineSeconds {
+                busy: 1.6,
+                steal: 0.4
+            })
+        );
     }
 
     #[test]
@@ -206,12 +230,18 @@ mod tests {
         let meter = BoxCpu::new(vec![("a".into(), 1), ("b".into(), 2)], None);
         let before = BoxCpuSample {
             processes: vec![Some(1.0), Some(2.0)],
-            machine_busy_s: Some(10.0),
+            machine_s: Some(MachineSeconds {
+                busy: 10.0,
+                steal: 1.0,
+            }),
             redis_commands: BTreeMap::from([("eval".to_string(), (10.0, 1_000.0))]),
         };
         let after = BoxCpuSample {
             processes: vec![Some(1.5), None],
-            machine_busy_s: Some(12.0),
+            machine_s: Some(MachineSeconds {
+                busy: 12.0,
+                steal: 1.5,
+            }),
             redis_commands: BTreeMap::from([
                 ("eval".to_string(), (20.0, 6_000.0)),
                 ("hmget".to_string(), (5.0, 2_000.0)),
@@ -222,6 +252,7 @@ mod tests {
         assert!(split.processes[1].1.is_nan());
         assert_eq!(split.machine_us, 2_000.0);
         assert_eq!(split.machine_busy_cores, 1.0);
+        assert_eq!(split.machine_steal_cores, 0.25);
         assert_eq!(
             split.redis_commands,
             vec![("eval".to_string(), 5.0), ("hmget".to_string(), 2.0)]
