@@ -127,8 +127,17 @@ def main():
             "fetch.wait.max.ms": args.fetch_wait_ms,  # as verdict's consumer
         }
     )
+    # verdict's producer settings (see `KafkaConfig::producer` in pipeline/src/config.rs): an
+    # idempotent librdkafka producer busy-polls while a request with 5 or more messages is in
+    # flight, so both systems send one request at a time without idempotence.
     producer = Producer(
-        {"bootstrap.servers": args.brokers, "linger.ms": 1, "acks": "all", "enable.idempotence": True}
+        {
+            "bootstrap.servers": args.brokers,
+            "linger.ms": 1,
+            "acks": "all",
+            "enable.idempotence": False,
+            "max.in.flight.requests.per.connection": 1,
+        }
     )
     consumer.subscribe([args.input])
     stopping = []

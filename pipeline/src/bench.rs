@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// much more latency per decision.
     #[arg(long)]
     pub verdict_producer_linger_ms: Option<u32>,
+    /// With `--rates` / `--find-max-rate`: any other librdkafka property of the verdict
+    /// process's producer, as `KEY=VALUE` (repeatable), e.g.
+    /// `--verdict-producer-property enable.idempotence=true` to measure a setting against
+    /// verdict's default in the same session.
+    #[arg(long = "verdict-producer-property", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub verdict_producer_properties: Vec<(String, String)>,
     /// `fetch.wait.max.ms` of every consumer in the run: the pipeline's, the Python
     /// baseline's (with `--rates`) and the measuring consumer's. On Apache Kafka it only
     /// bounds how long an empty fetch waits. The test broker (Tansu 0.6) holds *every* fetch
@@ -373,4 +379,12 @@ async fn run_once(
         drift_alerts: fraud.map(|r| r.drift_alerts).unwrap_or(0),
         drift_batches_skipped: fraud.map(|r| r.drift_batches_skipped).unwrap_or(0),
     })
+}
+
+/// `KEY=VALUE` of a command-line librdkafka property.
+fn key_value(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("`{arg}`: expected KEY=VALUE")),
+    }
 }

@@ -153,9 +153,20 @@ fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
                 "{line}\nconsumer-properties = {{ \"fetch.wait.max.ms\" = \"{}\" }}",
                 args.fetch_wait_ms
             );
-            if let Some(ms) = args.verdict_producer_linger_ms {
+            let mut producer: Vec<(String, String)> = args
+                .verdict_producer_linger_ms
+                .map(|ms| ("linger.ms".to_string(), ms.to_string()))
+                .into_iter()
+                .collect();
+            producer.extend(args.verdict_producer_properties.iter().cloned());
+            if !producer.is_empty() {
+                let entries: Vec<String> = producer
+                    .iter()
+                    .map(|(key, value)| format!("{key:?} = {value:?}"))
+                    .collect();
                 l.push_str(&format!(
-                    "\nproducer-properties = {{ \"linger.ms\" = \"{ms}\" }}"
+                    "\nproducer-properties = {{ {} }}",
+                    entries.join(", ")
                 ));
             }
             l
@@ -655,6 +666,7 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
             "fetch_wait_ms": args.fetch_wait_ms,
             "load_generator_linger_ms": args.producer_linger_ms,
             "verdict_producer_linger_ms": args.verdict_producer_linger_ms.unwrap_or(1),
+            "verdict_producer_properties": args.verdict_producer_properties.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "broker_hop": hops,
             "fixed_rates": fixed,
             "max_rate_search": searched,
@@ -699,6 +711,10 @@ mod tests {
                 "3",
                 "--verdict-producer-linger-ms",
                 "5",
+                "--verdict-producer-property",
+                "enable.idempotence=true",
+                "--verdict-producer-property",
+                "max.in.flight.requests.per.connection=5",
             ]),
             &gbt,
         )
@@ -717,7 +733,13 @@ mod tests {
             config.kafka.consumer("g").get("fetch.wait.max.ms"),
             Some("3")
         );
-        assert_eq!(config.kafka.producer().get("linger.ms"), Some("5"));
+        let producer = config.kafka.producer();
+        assert_eq!(producer.get("linger.ms"), Some("5"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(
+            producer.get("max.in.flight.requests.per.connection"),
+            Some("5")
+        );
         // Without the flag verdict keeps its own default.
         let default = process_config(&args(&[]), &gbt).unwrap();
         let default = Config::parse(&default, Path::new("/nonexistent")).unwrap();
