@@ -25,6 +25,7 @@
 pub mod baseline;
 pub mod bench;
 pub mod box_cpu;
+pub mod children;
 pub mod config;
 pub mod dead_letter;
 pub mod deadline;

@@ -17,6 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::children::{track, Tracked};
 use crate::PipelineError;
 
 /// Environment variable overriding where the `tansu` binary is.
@@ -32,7 +33,8 @@ pub const TANSU_STORAGE_ENV: &str = "VERDICT_TANSU_STORAGE";
 pub struct LocalStack {
     pub kafka_bootstrap: String,
     pub redis_url: String,
-    children: Vec<(String, Child)>,
+    /// Each server's name, process, and its entry among the children killed on a signal.
+    children: Vec<(String, Child, Tracked)>,
     logs: tempfile::TempDir,
 }
 
@@ -97,7 +99,8 @@ impl LocalStack {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| err(format!("starting redis-server ({e}): install it with `apt-get install redis-server` (the setup script does)")))?;
-        self.children.push(("redis-server".into(), child));
+        let tracked = track(child.id());
+        self.children.push(("redis-server".into(), child, tracked));
         wait_for_port(port, Duration::from_secs(10))
             .map_err(|e| err(format!("redis-server: {e}")))?;
         self.redis_url = format!("redis://127.0.0.1:{port}");
@@ -109,9 +112,9 @@ impl LocalStack {
         let at = self
             .children
             .iter()
-            .position(|(name, _)| name == "redis-server")
+            .position(|(name, _, _)| name == "redis-server")
             .ok_or_else(|| err("redis-server is not running"))?;
-        let (_, mut child) = self.children.remove(at);
+        let (_, mut child, _tracked) = self.children.remove(at);
         child
             .kill()
             .map_err(|e| err(format!("killing redis-server: {e}")))?;
@@ -153,7 +156,8 @@ impl LocalStack {
             .stderr(self.log_file("tansu.err.log")?)
             .spawn()
             .map_err(|e| err(format!("starting {}: {e}", binary.display())))?;
-        self.children.push(("tansu".into(), child));
+        let tracked = track(child.id());
+        self.children.push(("tansu".into(), child, tracked));
         wait_for_port(port, Duration::from_secs(20)).map_err(|e| err(format!("tansu: {e}")))?;
         self.kafka_bootstrap = format!("127.0.0.1:{port}");
         Ok(())
@@ -163,7 +167,7 @@ impl LocalStack {
     pub fn processes(&self) -> Vec<(String, u32)> {
         self.children
             .iter()
-            .map(|(name, child)| (name.clone(), child.id()))
+            .map(|(name, child, _)| (name.clone(), child.id()))
             .collect()
     }
 
@@ -214,7 +218,7 @@ impl LocalStack {
 
 impl Drop for LocalStack {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
+        for (_, child, _) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }

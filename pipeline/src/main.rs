@@ -53,6 +53,11 @@ enum FeaturesCommand {
 fn main() -> anyhow::Result<()> {
     tune_allocator();
     let cli = Cli::parse();
+    // `demo` and `bench` start servers and measured processes as children; stopped by a
+    // signal, they take them down too. `run` starts none and drains on SIGTERM instead.
+    if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
+        verdict::children::kill_children_on_signal();
+    }
     // `run` reads its config before logging starts, so `[log]` applies from the first line.
     let config = match &cli.command {
         Command::Run { config } => Some(Config::load(config)?),

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::children::{track, Tracked};
 use crate::scrape::{get, samples};
 
 pub struct MeasuredProcess {
     child: Child,
+    /// Its entry among the children killed if the bench is stopped by a signal.
+    _tracked: Tracked,
     /// `verdict run`'s operations endpoint; `None` for a process that serves none.
     pub metrics: Option<SocketAddr>,
 }
@@ -48,6 +51,7 @@ impl MeasuredProcess {
         let stdout = log.try_clone()?;
         let child = command.stdout(stdout).stderr(log).spawn()?;
         Ok(Self {
+            _tracked: track(child.id()),
             child,
             metrics: None,
         })

@@ -1,9 +1,12 @@
 //! The user-facing tools against real servers: `verdict gen entities` + `verdict features
 //! load` put exactly the generator's features into Redis, in the layout the lookups read;
 //! `verdict gen topic` produces messages that fit the input contract; `verdict gen dataset`
-//! writes the model's features and a label.
+//! writes the model's features and a label; `verdict demo` stopped by a signal takes the
+//! servers it started with it.
 
 use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
 
 use redis::Commands;
 use verdict::config::example_config_dir;
@@ -11,7 +14,7 @@ use verdict::feature_load::{self, LoadArgs};
 use verdict::gen::{self, DatasetArgs, EntitiesArgs, GenCommand, TopicArgs};
 use verdict::generator::{Kind, Synthetic};
 use verdict::local_stack::LocalStack;
-use verdict_tests::Collector;
+use verdict_tests::{verdict_binary, Collector};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entities_written_as_csv_load_into_redis_as_the_lookups_expect() -> anyhow::Result<()> {
@@ -115,4 +118,86 @@ async fn gen_dataset_writes_every_model_feature_and_a_label() -> anyhow::Result<
     let frauds = rows.iter().filter(|r| r.last() == Some(&"1")).count();
     assert!((30..400).contains(&frauds), "{frauds} frauds in 3000");
     Ok(())
+}
+
+/// Process ids and names (`comm`) of the live processes whose parent is `parent`. A zombie
+/// (killed, not yet reaped by whoever inherited it) does not count as live.
+fn live_children(parent: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some((ppid, state, name)) = stat_of(pid) {
+            if ppid == parent && state != 'Z' {
+                found.push((pid, name));
+            }
+        }
+    }
+    found
+}
+
+/// Parent pid, state and name of a process, from `/proc/<pid>/stat` (`None`: it is gone).
+fn stat_of(pid: u32) -> Option<(u32, char, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces, so split at the last `)`.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_string();
+    let mut rest = stat[close + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((ppid, state, name))
+}
+
+/// A signal's default action skips destructors, so before the fix a demo (or bench) stopped
+/// with `kill` left Tansu and `redis-server` running. Now it kills them first, and still ends
+/// by the signal it got.
+#[test]
+fn a_demo_stopped_by_sigterm_takes_its_servers_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = std::process::Command::new(verdict_binary())
+        .args(["demo", "--count", "1000000", "--rate", "1000"])
+        .stdout(std::fs::File::create(dir.path().join("demo.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("demo.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let servers = loop {
+        let children = live_children(demo.id());
+        let named = |n: &str| children.iter().any(|(_, name)| name.starts_with(n));
+        if named("redis-server") && named("tansu") {
+            break children;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not start both servers within 60 s: {children:?}"
+        );
+        assert!(demo.try_wait().unwrap().is_none(), "the demo exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let pid = libc::pid_t::try_from(demo.id()).unwrap();
+    // SAFETY: kill(2) with a pid this test spawned and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = demo.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Gone, or a zombie: both mean killed. A pid reused by another program has another
+        // name.
+        let alive: Vec<&(u32, String)> = servers
+            .iter()
+            .filter(|(pid, name)| {
+                stat_of(*pid).is_some_and(|(_, state, now)| state != 'Z' && &now == name)
+            })
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 10 s after the demo was stopped: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
