@@ -106,9 +106,13 @@ pub struct BenchArgs {
     pub find_max_rate: bool,
     /// With `--rates`: first measure one broker hop alone at each rate (load generator →
     /// broker → measuring consumer, no system in between), the latency floor under both
-    /// systems, since a decision takes two such hops.
+    /// systems, since a decision takes two such hops; also whether the hop alone keeps up,
+    /// and the whole box's CPU per message it costs.
     #[arg(long)]
     pub broker_hop: bool,
+    /// With `--rates`: only the broker hop (as `--broker-hop`), no system.
+    #[arg(long, requires = "rates", conflicts_with_all = ["find_max_rate", "baseline"])]
+    pub broker_hop_only: bool,
     /// Seconds of load per probe of the maximum-rate search.
     #[arg(long, default_value_t = 10.0)]
     pub probe_seconds: f64,

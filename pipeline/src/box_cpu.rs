@@ -125,8 +125,14 @@ impl BoxCpu {
 }
 
 impl BoxCpuSplit {
-    /// One line for the human report.
+    /// One line for the human report, per decision.
     pub fn describe(&self) -> String {
+        self.describe_per("decision")
+    }
+
+    /// One line for the human report, per `unit` (what the split was divided by). Redis's
+    /// commands are left out when it ran none.
+    pub fn describe_per(&self, unit: &str) -> String {
         let parts: Vec<String> = self
             .processes
             .iter()
@@ -138,14 +144,21 @@ impl BoxCpuSplit {
             .take(5)
             .map(|(command, us)| format!("{command} {us:.1}"))
             .collect();
+        let inside_redis = if redis.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ". Inside Redis (elapsed µs per {unit}): {}",
+                redis.join(", ")
+            )
+        };
         format!(
-            "    whole box, CPU µs per decision: {}, everything else {:.1}; machine {:.1} ({:.2} cores busy, {:.2} stolen). Inside Redis (elapsed µs per decision): {}",
+            "    whole box, CPU µs per {unit}: {}, everything else {:.1}; machine {:.1} ({:.2} cores busy, {:.2} stolen){inside_redis}",
             parts.join(", "),
             self.other_us,
             self.machine_us,
             self.machine_busy_cores,
             self.machine_steal_cores,
-            if redis.is_empty() { "?".to_string() } else { redis.join(", ") },
         )
     }
 }

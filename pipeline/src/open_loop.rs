@@ -107,22 +107,41 @@ struct Probe {
 
 impl Probe {
     fn why_not_sustained(&self) -> Option<String> {
-        let planned = self.sent as f64 / self.offered_per_s;
-        if self.decided < self.sent {
-            Some(format!("{} undecided", self.sent - self.decided))
-        } else if self.produce_seconds > planned * 1.05 + 0.5 {
-            Some(format!(
-                "load generator behind: {:.1} s for {planned:.1} s of load",
-                self.produce_seconds
-            ))
-        } else if self.latency_last_tenth_ms > 2.0 * self.latency_first_tenth_ms + 25.0 {
-            Some(format!(
-                "backlog grew: median {:.1} ms in the first tenth, {:.1} ms in the last",
-                self.latency_first_tenth_ms, self.latency_last_tenth_ms
-            ))
-        } else {
-            None
-        }
+        why_not_sustained(
+            self.sent,
+            self.decided,
+            self.offered_per_s,
+            self.produce_seconds,
+            self.latency_first_tenth_ms,
+            self.latency_last_tenth_ms,
+        )
+    }
+}
+
+/// Why a run at `offered_per_s` did not keep up, or `None` if it did: every message answered,
+/// the load generator on schedule, and the median latency of the last tenth of the run not
+/// above twice the first tenth's + 25 ms (a backlog that grows).
+fn why_not_sustained(
+    sent: usize,
+    answered: usize,
+    offered_per_s: f64,
+    produce_seconds: f64,
+    first_tenth_ms: f64,
+    last_tenth_ms: f64,
+) -> Option<String> {
+    let planned = sent as f64 / offered_per_s;
+    if answered < sent {
+        Some(format!("{} undecided", sent - answered))
+    } else if produce_seconds > planned * 1.05 + 0.5 {
+        Some(format!(
+            "load generator behind: {produce_seconds:.1} s for {planned:.1} s of load"
+        ))
+    } else if last_tenth_ms > 2.0 * first_tenth_ms + 25.0 {
+        Some(format!(
+            "backlog grew: median {first_tenth_ms:.1} ms in the first tenth, {last_tenth_ms:.1} ms in the last"
+        ))
+    } else {
+        None
     }
 }
 
@@ -465,9 +484,12 @@ fn print_probe(p: &Probe) {
     }
 }
 
-/// One broker hop on its own, as the floor under both systems' latency: the load generator
-/// produces to the input topic at `rate` and the measuring consumer reads the input topic
-/// itself (no system in between), on a fresh broker, with the same client settings.
+/// One broker hop on its own, as the floor under both systems' latency and cost: the load
+/// generator produces to the input topic at `rate` and the measuring consumer reads the input
+/// topic itself (no system in between), on a fresh broker, with the same client settings.
+/// Judged sustained by the probes' rule, with the whole box's CPU per message: what the
+/// broker and the harness take before any system runs (a system's decisions cross the broker
+/// twice).
 async fn broker_hop(args: &BenchArgs, rate: f64) -> anyhow::Result<serde_json::Value> {
     let (stack, world, _) = local_setup(args.cards, 2_000).await?;
     let spec = DriveSpec {
@@ -487,21 +509,50 @@ async fn broker_hop(args: &BenchArgs, rate: f64) -> anyhow::Result<serde_json::V
         run_id: format!("{}w", spec.run_id),
         ..spec.clone()
     };
-    let report = tokio::task::block_in_place(|| -> anyhow::Result<DriveReport> {
+    let mut accounted = stack.processes();
+    accounted.push(("harness".to_string(), std::process::id()));
+    let box_cpu = BoxCpu::new(accounted, None);
+    let (report, box_split) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
         drive(&world, &warmup)?;
-        Ok(drive(&world, &spec)?)
+        let before = box_cpu.sample();
+        let report = drive(&world, &spec)?;
+        let split = box_cpu.split(
+            &before,
+            &box_cpu.sample(),
+            report.decided,
+            report.elapsed.as_secs_f64(),
+        );
+        Ok((report, split))
     })?;
     drop(stack);
     let [p50, p99, p999, max] = percentiles_ms(&report.latency_us);
-    println!(
-        "  one broker hop {rate:>7.0} tx/s: {} of {} arrived  p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {max:.1} ms",
-        report.decided, report.sent
+    let not_sustained = why_not_sustained(
+        report.sent,
+        report.decided,
+        rate,
+        report.produce_elapsed.as_secs_f64(),
+        report.latency_first_tenth_ms,
+        report.latency_last_tenth_ms,
     );
+    println!(
+        "  one broker hop {rate:>7.0} tx/s: {} of {} arrived  p50 {p50:.1} ms  p99 {p99:.1} ms  p99.9 {p999:.1} ms  max {max:.1} ms  {}",
+        report.decided,
+        report.sent,
+        match &not_sustained {
+            None => "sustained".to_string(),
+            Some(why) => format!("NOT sustained ({why})"),
+        }
+    );
+    println!("{}", box_split.describe_per("message"));
     Ok(json!({
         "offered_per_s": rate,
         "sent": report.sent,
         "arrived": report.decided,
         "latency_ms": [p50, p99, p999, max],
+        "latency_first_tenth_ms": report.latency_first_tenth_ms,
+        "latency_last_tenth_ms": report.latency_last_tenth_ms,
+        "sustained": not_sustained.is_none(),
+        "whole_box": box_split,
     }))
 }
 
@@ -578,11 +629,12 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
     );
 
     let mut hops = Vec::new();
-    if args.broker_hop {
+    if args.broker_hop || args.broker_hop_only {
         for &rate in rates {
             hops.push(broker_hop(args, rate).await?);
         }
     }
+    let rates = if args.broker_hop_only { &[][..] } else { rates };
     let mut fixed: Vec<Probe> = Vec::new();
     let mut mismatches = Vec::new();
     for &rate in rates {
@@ -617,8 +669,10 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
         }
     }
 
-    println!();
-    println!("offered rate   system    decided/s   p50 ms   p99 ms  p99.9 ms   max ms  CPU µs/dec  peak RSS MiB");
+    if !fixed.is_empty() {
+        println!();
+        println!("offered rate   system    decided/s   p50 ms   p99 ms  p99.9 ms   max ms  CPU µs/dec  peak RSS MiB");
+    }
     for p in &fixed {
         let [p50, p99, p999, max] = p.latency_ms;
         println!(
@@ -696,6 +750,28 @@ mod tests {
 
     fn args(extra: &[&str]) -> BenchArgs {
         Cli::parse_from(std::iter::once("bench").chain(extra.iter().copied())).bench
+    }
+
+    /// The hop alone needs rates to measure at, and is no search and no comparison.
+    #[test]
+    fn the_broker_hop_alone_takes_rates_and_nothing_that_runs_a_system() {
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(std::iter::once("bench").chain(extra.iter().copied()))
+                .map(|cli| cli.bench)
+        };
+        let hop = parse(&["--broker-hop-only", "--rates", "1000,2000"]).expect("parses");
+        assert!(hop.broker_hop_only);
+        assert_eq!(hop.rates, Some(vec![1_000.0, 2_000.0]));
+        assert!(parse(&["--broker-hop-only"]).is_err());
+        assert!(parse(&["--broker-hop-only", "--rates", "1000", "--find-max-rate"]).is_err());
+        assert!(parse(&[
+            "--broker-hop-only",
+            "--rates",
+            "1000",
+            "--baseline",
+            "python"
+        ])
+        .is_err());
     }
 
     #[test]
