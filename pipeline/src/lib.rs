@@ -45,6 +45,7 @@ pub mod open_loop;
 pub mod scale_out;
 pub mod scrape;
 pub mod source;
+pub mod thread_cpu;
 pub mod topology;
 pub mod workload;
 

@@ -41,6 +41,7 @@ use crate::demo::{local_setup, EXAMPLE_TOPICS};
 use crate::driver::{drive, percentiles_ms, DriveReport, DriveSpec};
 use crate::measured_process::MeasuredProcess;
 use crate::scrape::{self, Sample};
+use crate::thread_cpu::{ThreadCpuSample, ThreadCpuSplit};
 
 /// Decisions of two systems agree when the scores differ by at most this much.
 const SCORE_TOLERANCE: f64 = 1e-5;
@@ -101,6 +102,8 @@ struct Probe {
     sustained: bool,
     /// Where the whole box's CPU went over the measured part.
     whole_box: Option<BoxCpuSplit>,
+    /// Where the system's own CPU went over the measured part, by thread.
+    threads: Option<ThreadCpuSplit>,
     #[serde(skip)]
     decisions: Vec<Option<(Arc<str>, f64)>>,
 }
@@ -351,7 +354,7 @@ async fn probe(
     accounted.extend(stack.processes());
     accounted.push(("harness".to_string(), std::process::id()));
     let box_cpu = BoxCpu::new(accounted, Some(stack.redis_url.clone()));
-    let (report, cpu_seconds, rss, box_split) =
+    let (report, cpu_seconds, rss, box_split, thread_split) =
         tokio::task::block_in_place(|| -> anyhow::Result<_> {
             if args.warmup > 0 {
                 let w = drive(&world, &warmup)?;
@@ -368,9 +371,12 @@ async fn probe(
             let rss = sample_rss(process.pid(), Arc::clone(&stop));
             let timers_before = process.scrape().ok();
             let box_before = box_cpu.sample();
+            let threads_before = ThreadCpuSample::of(process.pid());
             let cpu_before = process.cpu_seconds().context("reading the process's CPU")?;
             let report: DriveReport = drive(&world, &spec)?;
             let cpu_after = process.cpu_seconds().context("reading the process's CPU")?;
+            let thread_split =
+                threads_before.split_until(&ThreadCpuSample::of(process.pid()), report.decided);
             // Cores busy over the load itself (first produce → last decision), not over the
             // measuring consumer's group join before it.
             let box_split = box_cpu.split(
@@ -384,7 +390,7 @@ async fn probe(
             }
             stop.store(true, Ordering::Relaxed);
             let rss = std::mem::take(&mut *rss.lock().unwrap_or_else(|e| e.into_inner()));
-            Ok((report, cpu_after - cpu_before, rss, box_split))
+            Ok((report, cpu_after - cpu_before, rss, box_split, thread_split))
         })?;
     let peak_rss_mib = process.peak_rss_mib().unwrap_or(f64::NAN);
     tokio::task::block_in_place(|| process.stop())?;
@@ -417,6 +423,7 @@ async fn probe(
         anon_at_end_mib: rss.last().map_or(f64::NAN, |m| m.anon_mib),
         sustained: false,
         whole_box: Some(box_split),
+        threads: Some(thread_split),
         decisions: report.decisions,
     };
     probe.sustained = probe.why_not_sustained().is_none();
@@ -481,6 +488,9 @@ fn print_probe(p: &Probe) {
     );
     if let Some(split) = &p.whole_box {
         println!("{}", split.describe());
+    }
+    if let Some(threads) = &p.threads {
+        println!("{}", threads.describe(p.system.name()));
     }
 }
 
@@ -845,6 +855,7 @@ mod tests {
             anon_at_end_mib: 1.0,
             sustained: false,
             whole_box: None,
+            threads: None,
             decisions: Vec::new(),
         }
     }
