@@ -45,8 +45,9 @@ use crate::thread_cpu::{ThreadCpuSample, ThreadCpuSplit};
 
 /// Decisions of two systems agree when the scores differ by at most this much.
 const SCORE_TOLERANCE: f64 = 1e-5;
-/// Probes of one max-rate search, at most.
-const MAX_PROBES: usize = 8;
+/// Probes of one max-rate search, at most. Growing by half from 4,000 tx/s reaches 100,000 in
+/// nine probes, and from a 1.5× bracket three bisections reach `SEARCH_RESOLUTION`.
+const MAX_PROBES: usize = 12;
 /// The search stops when the highest sustained and the lowest failed rate are this close.
 const SEARCH_RESOLUTION: f64 = 1.1;
 
@@ -583,34 +584,72 @@ fn differing(a: &Probe, b: &Probe) -> (usize, f64) {
 }
 
 /// The highest sustained offered rate of `system`, searched from `start`.
+/// What a maximum-rate search found: the highest rate it saw sustained and the lowest it saw
+/// fail. When it ran out of probes before the two were within `SEARCH_RESOLUTION`, the
+/// maximum lies somewhere between them, and the report says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct SearchOutcome {
+    sustained: Option<f64>,
+    failed: Option<f64>,
+}
+
+impl SearchOutcome {
+    /// The rate to probe next: up by half while every probe was sustained, down by a third
+    /// while every probe failed, then the bracket's geometric mean (to 100 tx/s); `None` once
+    /// the bracket is within `SEARCH_RESOLUTION`.
+    fn next_rate(&self, probed: f64) -> Option<f64> {
+        match (self.sustained, self.failed) {
+            (Some(_), None) => Some(probed * 1.5),
+            (None, Some(_)) => Some(probed / 1.5),
+            (Some(lo), Some(hi)) if hi / lo > SEARCH_RESOLUTION => {
+                Some(((lo * hi).sqrt() / 100.0).round() * 100.0)
+            }
+            _ => None,
+        }
+    }
+
+    fn resolved(&self) -> bool {
+        match (self.sustained, self.failed) {
+            (Some(lo), Some(hi)) => hi / lo <= SEARCH_RESOLUTION,
+            _ => false,
+        }
+    }
+
+    fn describe(&self, system: &str) -> String {
+        match (self.sustained, self.failed) {
+            (Some(lo), Some(hi)) if !self.resolved() => format!(
+                "maximum sustainable rate, {system}: between {lo:.0} and {hi:.0} tx/s (the search ran out of its {MAX_PROBES} probes; start it higher with --rates)"
+            ),
+            (Some(lo), _) => format!("maximum sustainable rate, {system}: {lo:.0} tx/s"),
+            (None, _) => format!("maximum sustainable rate, {system}: below every rate probed"),
+        }
+    }
+}
+
 async fn find_max_rate(
     args: &BenchArgs,
     system: System,
     start: f64,
     model: &Path,
     probes: &mut Vec<Probe>,
-) -> anyhow::Result<Option<f64>> {
-    let (mut sustained, mut failed): (Option<f64>, Option<f64>) = (None, None);
+) -> anyhow::Result<SearchOutcome> {
+    let mut outcome = SearchOutcome::default();
     let mut rate = start;
     for _ in 0..MAX_PROBES {
         let count = (rate * args.probe_seconds).round() as usize;
         let p = probe(args, system, rate, count, model, crate::workload::now_ms()).await?;
         if p.sustained {
-            sustained = Some(rate);
+            outcome.sustained = Some(rate);
         } else {
-            failed = Some(rate);
+            outcome.failed = Some(rate);
         }
         probes.push(p);
-        rate = match (sustained, failed) {
-            (Some(_), None) => rate * 1.5,
-            (None, Some(_)) => rate / 1.5,
-            (Some(lo), Some(hi)) if hi / lo > SEARCH_RESOLUTION => {
-                ((lo * hi).sqrt() / 100.0).round() * 100.0
-            }
-            _ => break,
-        };
+        match outcome.next_rate(rate) {
+            Some(next) => rate = next,
+            None => break,
+        }
     }
-    Ok(sustained)
+    Ok(outcome)
 }
 
 pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
@@ -709,16 +748,22 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
             );
         }
     }
-    for (system, max) in &max_rates {
-        match max {
-            Some(r) => println!("maximum sustainable rate, {}: {r:.0} tx/s", system.name()),
-            None => println!(
-                "maximum sustainable rate, {}: below every rate probed",
-                system.name()
-            ),
-        }
+    for (system, outcome) in &max_rates {
+        println!("{}", outcome.describe(system.name()));
     }
-    if let [(_, Some(v)), (_, Some(py))] = max_rates.as_slice() {
+    if let [(
+        _,
+        SearchOutcome {
+            sustained: Some(v), ..
+        },
+    ), (
+        _,
+        SearchOutcome {
+            sustained: Some(py),
+            ..
+        },
+    )] = max_rates.as_slice()
+    {
         println!("  verdict/Python: {:.1}×", v / py);
     }
     if let Some(path) = &args.out {
@@ -734,7 +779,7 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
             "broker_hop": hops,
             "fixed_rates": fixed,
             "max_rate_search": searched,
-            "max_sustainable_rate": max_rates.iter().map(|(s, r)| json!({"system": s, "rate_per_s": r})).collect::<Vec<_>>(),
+            "max_sustainable_rate": max_rates.iter().map(|(s, o)| json!({"system": s, "rate_per_s": o.sustained, "lowest_failed_per_s": o.failed, "resolved": o.resolved()})).collect::<Vec<_>>(),
             "decision_mismatches": mismatches.iter().map(|(r, n)| json!({"rate": r, "transactions": n})).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
@@ -877,5 +922,64 @@ mod tests {
             .why_not_sustained()
             .unwrap()
             .contains("load generator behind"));
+    }
+
+    /// Runs the search's steps against a system that sustains exactly up to `max` tx/s.
+    fn search(start: f64, max: f64) -> (SearchOutcome, usize) {
+        let mut outcome = SearchOutcome::default();
+        let mut rate = start;
+        for probes in 1..=MAX_PROBES {
+            if rate <= max {
+                outcome.sustained = Some(rate);
+            } else {
+                outcome.failed = Some(rate);
+            }
+            match outcome.next_rate(rate) {
+                Some(next) => rate = next,
+                None => return (outcome, probes),
+            }
+        }
+        (outcome, MAX_PROBES)
+    }
+
+    #[test]
+    fn the_search_brackets_the_maximum_within_its_resolution_up_to_100k_from_4k() {
+        // Stop 26's fast phase: 45,562 sustained and 68,344 failed were the eighth probe,
+        // where the old eight-probe limit ended the search unresolved.
+        for max in [5_000.0, 22_400.0, 50_000.0, 60_000.0, 99_000.0] {
+            let (outcome, probes) = search(4_000.0, max);
+            assert!(
+                outcome.resolved(),
+                "max {max}: {outcome:?} after {probes} probes"
+            );
+            let (lo, hi) = (outcome.sustained.unwrap(), outcome.failed.unwrap());
+            assert!(lo <= max && max < hi, "max {max}: {outcome:?}");
+            assert!(outcome
+                .describe("verdict")
+                .ends_with(&format!("{lo:.0} tx/s")));
+        }
+    }
+
+    #[test]
+    fn a_search_that_runs_out_of_probes_reports_the_bracket_it_has() {
+        let outcome = SearchOutcome {
+            sustained: Some(45_562.0),
+            failed: Some(68_344.0),
+        };
+        assert!(!outcome.resolved());
+        assert!(outcome
+            .describe("verdict")
+            .contains("between 45562 and 68344 tx/s"));
+        let nothing = SearchOutcome {
+            sustained: None,
+            failed: Some(4_000.0),
+        };
+        assert!(nothing
+            .describe("verdict")
+            .contains("below every rate probed"));
+        // A maximum below the start: the search goes down until a probe holds, then bisects.
+        let (outcome, _) = search(4_000.0, 1_000.0);
+        assert!(outcome.resolved(), "{outcome:?}");
+        assert!(outcome.sustained.unwrap() <= 1_000.0 && 1_000.0 < outcome.failed.unwrap());
     }
 }
