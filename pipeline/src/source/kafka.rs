@@ -21,7 +21,7 @@
 //! epoch, and the committer drops the batches of older epochs still in the stages.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -114,6 +114,12 @@ struct SourceContext {
     paused: AtomicBool,
     /// Offsets are committed by transactions, not by the consumer.
     exactly_once: bool,
+    /// Partitions assigned, counted from the rebalances themselves (cooperative: each one
+    /// adds or removes some). Not asked of librdkafka: `post_rebalance` runs after the
+    /// unassign, and when the revoke is the one closing the consumer raises, the group can
+    /// terminate right then and never answer `rd_kafka_assignment` (a request to the group's
+    /// thread, like the one in librdkafka#4041). A CI run hung there, in `Pipeline::wait`.
+    assigned: AtomicI64,
 }
 
 /// The part of librdkafka's statistics JSON the lag metric needs.
@@ -188,11 +194,13 @@ impl ConsumerContext for SourceContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Ok(assignment) = consumer.assignment() {
-            self.workload_metrics
-                .assigned_partitions
-                .set(assignment.count() as i64);
-        }
+        let change = match rebalance {
+            Rebalance::Assign(partitions) => partitions.count() as i64,
+            Rebalance::Revoke(partitions) => -(partitions.count() as i64),
+            Rebalance::Error(_) => 0,
+        };
+        let assigned = assigned_after(&self.assigned, change);
+        self.workload_metrics.assigned_partitions.set(assigned);
         if !matches!(rebalance, Rebalance::Error(_)) {
             self.joined.store(true, Ordering::Relaxed);
         }
@@ -215,6 +223,17 @@ impl ConsumerContext for SourceContext {
             Rebalance::Revoke(_) => {}
         }
     }
+}
+
+/// Applies one rebalance's change to the assigned-partition count; never below zero (an eager
+/// revoke after an error could name partitions the count never saw).
+fn assigned_after(assigned: &AtomicI64, change: i64) -> i64 {
+    let previous = assigned
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some((n + change).max(0))
+        })
+        .unwrap_or_default();
+    (previous + change).max(0)
 }
 
 impl SourceContext {
@@ -378,6 +397,7 @@ pub fn spawn_kafka_source(
         joined: settings.joined,
         paused: AtomicBool::new(false),
         exactly_once: settings.rewind.is_some(),
+        assigned: AtomicI64::new(0),
     };
     let reset_to_end = matches!(
         settings.consumer.get("auto.offset.reset"),
@@ -631,6 +651,17 @@ pub fn spawn_kafka_source(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_assigned_count_follows_incremental_rebalances_and_never_goes_negative() {
+        let assigned = AtomicI64::new(0);
+        assert_eq!(assigned_after(&assigned, 3), 3);
+        assert_eq!(assigned_after(&assigned, 2), 5);
+        assert_eq!(assigned_after(&assigned, -2), 3);
+        assert_eq!(assigned_after(&assigned, 0), 3);
+        assert_eq!(assigned_after(&assigned, -5), 0);
+        assert_eq!(assigned.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn poll_timeouts_round_up_to_whole_milliseconds() {
