@@ -50,6 +50,31 @@ async fn entities_written_as_csv_load_into_redis_as_the_lookups_expect() -> anyh
     Ok(())
 }
 
+/// A `redis-server` started on a port another one already holds exits with `EADDRINUSE`
+/// while the other keeps answering there; the stack must see that the answer is not from its
+/// own child rather than hand out a server that belongs to someone else (two tests once shared
+/// one that way, and the second failed when the first one's ended).
+#[test]
+fn a_redis_whose_port_is_taken_is_not_mistaken_for_the_one_answering_there() -> anyhow::Result<()> {
+    let holder = LocalStack::redis_only()?;
+    let mut late = LocalStack::redis_only()?;
+    late.kill_redis()?;
+    late.redis_url = holder.redis_url.clone();
+    let error = late
+        .restart_redis()
+        .expect_err("the port is held by the other stack's redis-server");
+    let message = error.to_string();
+    assert!(
+        message.contains("not ours") || message.contains("exited"),
+        "unexpected error: {message}"
+    );
+    // The holder is untouched.
+    let mut redis = redis::Client::open(holder.redis_url.as_str())?.get_connection()?;
+    let pong: String = redis::cmd("PING").query(&mut redis)?;
+    assert_eq!(pong, "PONG");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gen_topic_produces_quotes_that_fit_the_input_contract() -> anyhow::Result<()> {
     let stack = LocalStack::start()?;
