@@ -42,6 +42,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde::Deserialize;
+use smallvec::{smallvec, SmallVec};
 use verdict_schemas::columns::ROW_ID;
 
 use crate::{FeatureError, Result};
@@ -164,12 +165,20 @@ pub struct VelocityUpdate<'a> {
     pub events: Vec<VelocityEvent<'a>>,
 }
 
+/// Windows a [`VelocityCounts`] holds without a heap allocation. Specs have a handful of
+/// windows (the example has three); more still work, one allocation per event each.
+pub const INLINE_WINDOWS: usize = 4;
+
+/// Per window, one value of an event (inline up to [`INLINE_WINDOWS`]): a batch answers one
+/// of these per event, and two `Vec`s per event were two allocations per row.
+pub type PerWindow = SmallVec<[i64; INLINE_WINDOWS]>;
+
 /// What one event saw: per window, the count and the amount sum in cents.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VelocityCounts {
     pub late: bool,
-    pub counts: Vec<i64>,
-    pub sums_cents: Vec<i64>,
+    pub counts: PerWindow,
+    pub sums_cents: PerWindow,
 }
 
 /// The Redis side: records every event of a batch and returns its windows, atomically.
@@ -369,8 +378,8 @@ impl InMemoryVelocity {
                 let t = e.event_time_ms;
                 let mut counts = VelocityCounts {
                     late: t < *newest - lateness,
-                    counts: vec![0; update.windows_ms.len()],
-                    sums_cents: vec![0; update.windows_ms.len()],
+                    counts: smallvec![0; update.windows_ms.len()],
+                    sums_cents: smallvec![0; update.windows_ms.len()],
                 };
                 for ((et, _), cents) in set.range((t - longest + 1, String::new())..) {
                     if *et > t {
@@ -622,8 +631,8 @@ mod tests {
                         prop_assert!(got <= recounted);
                     }
                 } else {
-                    prop_assert_eq!(&got.counts, &counts, "event {}", i);
-                    prop_assert_eq!(&got.sums_cents, &sums, "event {}", i);
+                    prop_assert_eq!(got.counts.as_slice(), counts.as_slice(), "event {}", i);
+                    prop_assert_eq!(got.sums_cents.as_slice(), sums.as_slice(), "event {}", i);
                 }
             }
         }
@@ -639,8 +648,8 @@ mod tests {
             decoded[1],
             VelocityCounts {
                 late: true,
-                counts: vec![1, 3],
-                sums_cents: vec![100, 1200]
+                counts: smallvec![1, 3],
+                sums_cents: smallvec![100, 1200]
             }
         );
         assert!(decode_lua_reply(&[0, 1], 1, 2).is_err());

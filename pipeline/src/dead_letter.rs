@@ -58,8 +58,9 @@ pub fn dead_letter(
     ]);
     OutRecord {
         topic: Arc::clone(topic),
-        key: message.key.as_deref().map(<[u8]>::to_vec),
-        payload: message.payload.as_deref().unwrap_or_default().to_vec(),
+        // The consumed message's own bytes, shared (its batch buffer), not copied.
+        key: message.key.clone(),
+        payload: message.payload.clone().unwrap_or_default(),
         headers,
     }
 }
@@ -91,7 +92,7 @@ mod tests {
         );
         assert_eq!(&*record.topic, "tx.dlq");
         assert_eq!(record.key.as_deref(), Some(&b"k"[..]));
-        assert_eq!(record.payload, b"{bad");
+        assert_eq!(&record.payload[..], b"{bad");
         let header = |name: &str| {
             record
                 .headers

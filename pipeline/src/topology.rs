@@ -543,8 +543,12 @@ fn spawn_drift_monitor(
                 match serde_json::to_vec(alert) {
                     Ok(payload) => records.push(OutRecord {
                         topic: Arc::clone(&topic),
-                        key: Some(format!("{}/{}", alert.workload, alert.feature).into_bytes()),
-                        payload,
+                        key: Some(
+                            format!("{}/{}", alert.workload, alert.feature)
+                                .into_bytes()
+                                .into(),
+                        ),
+                        payload: payload.into(),
                         headers: Vec::new(),
                     }),
                     Err(e) => tracing::error!(error = %e, "encoding a drift alert"),

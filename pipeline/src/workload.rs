@@ -295,13 +295,13 @@ impl Workload {
                 })
                 .collect(),
             policy,
-            encoder: DecisionEncoder {
-                topic: config.decisions_topic.as_str().into(),
-                workload: config.name.clone(),
-                model: meta.name.clone(),
-                model_version: meta.version.clone(),
-                feature_names: meta.features.iter().map(|f| f.name.clone()).collect(),
-            },
+            encoder: DecisionEncoder::new(
+                config.decisions_topic.as_str().into(),
+                config.name.clone(),
+                meta.name.clone(),
+                meta.version.clone(),
+                meta.features.iter().map(|f| f.name.clone()).collect(),
+            ),
             dead_letter_topic: config.dead_letter_topic.as_str().into(),
             deadline,
             config: config.clone(),
@@ -379,6 +379,11 @@ impl Workload {
             join_time: started.elapsed(),
             deadlines_ms,
         }
+    }
+
+    /// Its lookups and planned SQL (the feature stage's parts, for measuring them alone).
+    pub fn features(&self) -> &FeatureStage {
+        &self.features
     }
 
     /// The decoder the source uses for this workload's input.
@@ -797,16 +802,7 @@ mod tests {
         let mut decoder = workload.decoder().unwrap();
         let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.as_deref()).collect();
         let decoded = decoder.decode(&payloads).unwrap();
-        InputBatch {
-            seq: 0,
-            decoded,
-            messages,
-            opened_at: Instant::now(),
-            decode_time: Duration::ZERO,
-            next_offsets: Vec::new(),
-            epoch: 0,
-            group: None,
-        }
+        InputBatch::unconsumed(decoded, messages)
     }
 
     fn store() -> InMemoryFeatureStore {
@@ -880,7 +876,7 @@ mod tests {
             .iter()
             .find(|r| &*r.topic == "transactions.dead-letter")
             .unwrap();
-        assert_eq!(dead.payload, b"{oops");
+        assert_eq!(&dead.payload[..], b"{oops");
     }
 
     struct DownStore;

@@ -142,7 +142,7 @@ impl Sink for KafkaSink {
         let first_topic = records.first().map(|r| Arc::clone(&r.topic));
         for record in records {
             let mut base_record = BaseRecord::with_opaque_to(&record.topic, Arc::clone(&batch))
-                .payload(&record.payload);
+                .payload(&record.payload[..]);
             // librdkafka allocates a header list even for none: only build one when needed.
             if !record.headers.is_empty() {
                 let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
@@ -155,7 +155,7 @@ impl Sink for KafkaSink {
                 base_record = base_record.headers(headers);
             }
             if let Some(key) = &record.key {
-                base_record = base_record.key(key);
+                base_record = base_record.key(&key[..]);
             }
             // Counted before it is queued: its report may arrive before `send` returns.
             batch.expect_one();
@@ -202,8 +202,8 @@ mod tests {
     fn record(topic: &Arc<str>, key: &str) -> OutRecord {
         OutRecord {
             topic: Arc::clone(topic),
-            key: Some(key.as_bytes().to_vec()),
-            payload: format!("{{\"id\":\"{key}\"}}").into_bytes(),
+            key: Some(key.as_bytes().to_vec().into()),
+            payload: format!("{{\"id\":\"{key}\"}}").into_bytes().into(),
             headers: vec![("cause".into(), b"none".to_vec())],
         }
     }

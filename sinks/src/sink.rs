@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::Result;
 
@@ -12,11 +13,15 @@ use crate::Result;
 pub type Delivery = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 
 /// One message to produce.
+///
+/// Key and payload are `Bytes`: an encoder writes a whole batch's records into one buffer and
+/// hands out slices of it (a reference count each, not two allocations per record), and a
+/// dead letter shares the consumed message's bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutRecord {
     pub topic: Arc<str>,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
+    pub key: Option<Bytes>,
+    pub payload: Bytes,
     pub headers: Vec<(String, Vec<u8>)>,
 }
 

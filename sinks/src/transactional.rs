@@ -170,10 +170,10 @@ impl TransactionalSink {
             });
         }
         let mut base = BaseRecord::<[u8], [u8]>::to(&record.topic)
-            .payload(&record.payload)
+            .payload(&record.payload[..])
             .headers(headers);
         if let Some(key) = &record.key {
-            base = base.key(key);
+            base = base.key(&key[..]);
         }
         let give_up = Instant::now() + self.timeout;
         loop {

@@ -52,8 +52,8 @@ async fn the_delivery_report_thread_does_not_spin_when_idle() {
     let records: Vec<OutRecord> = (0..20)
         .map(|i| OutRecord {
             topic: Arc::clone(&topic),
-            key: Some(format!("k{i}").into_bytes()),
-            payload: b"{}".to_vec(),
+            key: Some(format!("k{i}").into_bytes().into()),
+            payload: bytes::Bytes::from_static(b"{}"),
             headers: Vec::new(),
         })
         .collect();

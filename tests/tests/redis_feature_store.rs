@@ -130,8 +130,8 @@ proptest! {
                     prop_assert!(got <= recounted, "late event {} overcounts", i);
                 }
             } else {
-                prop_assert_eq!(&got.counts, &counts, "event {} counts", i);
-                prop_assert_eq!(&got.sums_cents, &sums, "event {} sums", i);
+                prop_assert_eq!(got.counts.as_slice(), counts.as_slice(), "event {} counts", i);
+                prop_assert_eq!(got.sums_cents.as_slice(), sums.as_slice(), "event {} sums", i);
             }
         }
     }
@@ -171,7 +171,7 @@ fn round_trips_in_flight_together_apply_in_the_order_they_started() {
         let answer = answer.expect("redis answers");
         let seen = &answer.velocity[0][0];
         let n = n as i64;
-        assert_eq!(seen.counts, vec![n + 1; 3], "update {n}");
+        assert_eq!(seen.counts.as_slice(), [n + 1; 3], "update {n}");
         let sum: i64 = (0..=n).map(|i| 100 + i).sum();
         assert_eq!(seen.sums_cents[2], sum, "update {n}");
     }
@@ -228,9 +228,9 @@ fn sums_beyond_lua_number_formatting_arrive_exact() {
         .block_on(store.fetch(&[], &[update]))
         .expect("redis answers");
     let counts = &answer.velocity[0];
-    assert_eq!(counts[0].sums_cents, vec![60_000_000_000_003; 3]);
-    assert_eq!(counts[1].sums_cents, vec![120_000_000_000_007; 3]);
-    assert_eq!(counts[1].counts, vec![2; 3]);
+    assert_eq!(counts[0].sums_cents.as_slice(), [60_000_000_000_003; 3]);
+    assert_eq!(counts[1].sums_cents.as_slice(), [120_000_000_000_007; 3]);
+    assert_eq!(counts[1].counts.as_slice(), [2; 3]);
 }
 
 /// Field values with the awkward cases: empty, separators, digits that look like a length,

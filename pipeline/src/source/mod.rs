@@ -62,6 +62,23 @@ pub struct InputBatch {
     pub group: Option<GroupMetadata>,
 }
 
+impl InputBatch {
+    /// A batch that no source consumed (tests, measurements): sequence 0, opened now, no
+    /// offsets to commit.
+    pub fn unconsumed(decoded: Decoded, messages: Vec<RawMessage>) -> Self {
+        Self {
+            seq: 0,
+            decoded,
+            messages,
+            opened_at: Instant::now(),
+            decode_time: std::time::Duration::ZERO,
+            next_offsets: Vec::new(),
+            epoch: 0,
+            group: None,
+        }
+    }
+}
+
 /// A consumer group's metadata as librdkafka hands it to a transaction (opaque).
 #[derive(Clone)]
 pub struct GroupMetadata(pub Arc<ConsumerGroupMetadata>);
