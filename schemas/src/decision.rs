@@ -50,10 +50,18 @@ pub struct PriceRecord<'a> {
     pub currency: Option<&'a str>,
 }
 
-/// One decision, borrowed from the batch it was computed in (encoding allocates nothing but
-/// the output buffer).
+/// One decision, borrowed from the batch it was computed in.
+///
+/// The lists and the feature map are type parameters so an encoder can write them straight
+/// from its Arrow columns (anything that serializes as a JSON array of strings, and as an
+/// object of feature name → number), allocating nothing per record; the defaults are the
+/// plain owned forms.
 #[derive(Debug, Clone, Serialize)]
-pub struct DecisionRecord<'a> {
+pub struct DecisionRecord<
+    'a,
+    Names = Vec<&'a str>,
+    Features = std::collections::BTreeMap<&'a str, f32>,
+> {
     pub transaction_id: &'a str,
     pub workload: &'a str,
     pub decision: Outcome,
@@ -63,10 +71,10 @@ pub struct DecisionRecord<'a> {
     pub model_version: &'a str,
     pub event_time_ms: i64,
     pub decision_time_ms: i64,
-    pub imputed_features: Vec<&'a str>,
+    pub imputed_features: Names,
     /// Reason codes (`<feature>:high` / `<feature>:low`): for fraud reviews and declines, the
     /// features furthest out in their reference distribution.
-    pub reasons: Vec<&'a str>,
+    pub reasons: Names,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceRecord<'a>>,
     /// Set when the decision was made without the feature store (it was down or slow):
@@ -79,7 +87,7 @@ pub struct DecisionRecord<'a> {
     pub fallback: Option<&'a str>,
     /// The model's input values, when the workload is configured to include them.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub features: Option<std::collections::BTreeMap<&'a str, f32>>,
+    pub features: Option<Features>,
 }
 
 /// Arrow schema of the decisions batch that flows from the policy to the sink: one row per
@@ -132,7 +140,7 @@ mod tests {
     fn encoded_decision_validates_against_its_json_schema() {
         let schema: serde_json::Value = serde_json::from_str(DECISION_JSON_SCHEMA).unwrap();
         let validator = jsonschema::validator_for(&schema).unwrap();
-        let record = DecisionRecord {
+        let record: DecisionRecord = DecisionRecord {
             transaction_id: "tx-1",
             workload: "fraud",
             decision: Outcome::Review,

@@ -1,9 +1,11 @@
 //! Decisions batch → one keyed JSON record per row.
 
+use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::{Serialize, Serializer};
 
 use arrow::array::{
     Array, AsArray, Float32Array, Float64Array, Int64Array, ListArray, StringArray,
@@ -15,16 +17,52 @@ use verdict_schemas::{DecisionRecord, Outcome, PriceRecord};
 use crate::sink::OutRecord;
 use crate::{Result, SinkError};
 
-/// The strings of row `row` of a list-of-strings column, borrowed from the batch.
-fn strings(list: &ListArray, row: usize) -> Vec<&str> {
-    if list.is_null(row) {
-        return Vec::new();
+/// Row `row` of a list-of-strings column, written as a JSON array straight from the batch
+/// (collecting it into a `Vec` first was an allocation per record that had any).
+struct ListedStrings<'a> {
+    values: &'a StringArray,
+    range: Range<usize>,
+}
+
+impl<'a> ListedStrings<'a> {
+    fn of(list: &'a ListArray, row: usize) -> Self {
+        let range = if list.is_null(row) {
+            0..0
+        } else {
+            let offsets = list.value_offsets();
+            offsets[row] as usize..offsets[row + 1] as usize
+        };
+        Self {
+            values: list.values().as_string::<i32>(),
+            range,
+        }
     }
-    let offsets = list.value_offsets();
-    let values = list.values().as_string::<i32>();
-    (offsets[row] as usize..offsets[row + 1] as usize)
-        .map(|i| values.value(i))
-        .collect()
+}
+
+impl Serialize for ListedStrings<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.range.clone().map(|i| self.values.value(i)))
+    }
+}
+
+/// A row's model inputs as a JSON object of feature name → value, in model order, written
+/// straight from the batch's `features` list (a `BTreeMap` per record was a dozen
+/// allocations per decision when `include-features` is on).
+struct FeatureValues<'a> {
+    names: &'a [String],
+    values: &'a Float32Array,
+    range: Range<usize>,
+}
+
+impl Serialize for FeatureValues<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.names
+                .iter()
+                .map(String::as_str)
+                .zip(self.range.clone().map(|i| self.values.value(i))),
+        )
+    }
 }
 
 /// A decision without features is about 300 bytes of JSON.
@@ -105,19 +143,14 @@ impl DecisionEncoder {
                 amount: prices.value(row),
                 currency: (!currencies.is_null(row)).then(|| currencies.value(row)),
             });
-            let feature_values = if features.is_null(row) {
-                None
-            } else {
+            let feature_values = (!features.is_null(row)).then(|| {
                 let offsets = features.value_offsets();
-                let values = features.values().as_primitive::<Float32Type>();
-                Some(
-                    self.feature_names
-                        .iter()
-                        .zip(offsets[row] as usize..offsets[row + 1] as usize)
-                        .map(|(name, i)| (name.as_str(), values.value(i)))
-                        .collect(),
-                )
-            };
+                FeatureValues {
+                    names: &self.feature_names,
+                    values: features.values().as_primitive::<Float32Type>(),
+                    range: offsets[row] as usize..offsets[row + 1] as usize,
+                }
+            });
             let record = DecisionRecord {
                 transaction_id: ids.value(row),
                 workload: &self.workload,
@@ -127,8 +160,8 @@ impl DecisionEncoder {
                 model_version: &self.model_version,
                 event_time_ms: event_times.value(row),
                 decision_time_ms: decision_times.value(row),
-                imputed_features: strings(imputed, row),
-                reasons: strings(reasons, row),
+                imputed_features: ListedStrings::of(imputed, row),
+                reasons: ListedStrings::of(reasons, row),
                 price,
                 degraded: (!degraded.is_null(row)).then(|| degraded.value(row)),
                 fallback: (!fallback.is_null(row)).then(|| fallback.value(row)),

@@ -5,9 +5,9 @@
 //! Arrow), the feature lookup against a real `redis-server` (commands written, replies
 //! decoded; the connection's task runs on this thread's runtime), the SQL join, scoring
 //! (tensor building and the ONNX Runtime call), and the decision step (policy, decisions
-//! batch, one keyed JSON record per row). Each stage runs on a small and on a large batch of
-//! the same transactions; what the large one allocates more, divided by the extra rows, is
-//! the stage's allocations per row. Buffers that grow by doubling add a few allocations per
+//! batch, one keyed JSON record per row), also with `include-features` on. Each stage runs
+//! on a small and on a large batch of the same transactions; what the large one allocates
+//! more, divided by the extra rows, is the stage's allocations per row. Buffers that grow by doubling add a few allocations per
 //! doubling, far below one per row; something that allocates for every row shows as ≥ 1.
 //!
 //! Counted: Rust's allocations (`Vec`, `String`, Arrow buffers, `Box`). Not counted:
@@ -78,6 +78,8 @@ struct StageAllocations {
     join: u64,
     score: u64,
     decide: u64,
+    /// The decision step of the same workload with `include-features = true`.
+    decide_with_features: u64,
     /// Decisions that are a review or a decline: they carry reason codes.
     with_reasons: usize,
 }
@@ -87,6 +89,8 @@ struct Fixture {
     runtime: tokio::runtime::Runtime,
     store: RedisFeatureStore,
     workload: Workload,
+    /// The same workload with `include-features = true` (decisions carry the model inputs).
+    with_features: Workload,
     scorer: OnnxScorer,
     messages: Vec<RawMessage>,
 }
@@ -112,14 +116,17 @@ impl Fixture {
         runtime::environment(config.onnxruntime_library.as_deref()).expect("ONNX Runtime");
         let model = LoadedModel::load(&wc.model).expect("model");
         let scorer = OnnxScorer::new(&model, &wc.scorer).expect("scorer");
-        let (store, workload) = runtime.block_on(async {
+        let (store, workload, with_features) = runtime.block_on(async {
             world
                 .load_into_redis(&stack.redis_url)
                 .await
                 .expect("features loaded");
             let store = RedisFeatureStore::connect(&config.redis).expect("client");
             let workload = Workload::build(&wc, &model).await.expect("workload");
-            (store, workload)
+            let mut wc = wc.clone();
+            wc.include_features = true;
+            let with_features = Workload::build(&wc, &model).await.expect("workload");
+            (store, workload, with_features)
         });
         let mut stream = world.transactions(7, "allocations", 0.02);
         let start_ms = verdict::workload::now_ms();
@@ -142,6 +149,7 @@ impl Fixture {
             runtime,
             store,
             workload,
+            with_features,
             scorer,
             messages,
         }
@@ -186,6 +194,12 @@ impl Fixture {
         let (decide, decided) = counted(|| w.decide(&scored).expect("decided"));
         assert_eq!(decided.decisions, rows, "one decision per transaction");
         let with_reasons = decided.outcomes[1] + decided.outcomes[2];
+        let (decide_with_features, decided) = counted(|| {
+            self.with_features
+                .decide(&scored)
+                .expect("decided with features")
+        });
+        assert_eq!(decided.decisions, rows);
         // Dropping is part of the cost too, but frees allocate nothing.
         drop((scored, decided));
         StageAllocations {
@@ -194,6 +208,7 @@ impl Fixture {
             join,
             score,
             decide,
+            decide_with_features,
             with_reasons,
         }
     }
@@ -224,6 +239,11 @@ fn no_stage_allocates_per_row() {
         ("join", small.join, large.join),
         ("score", small.score, large.score),
         ("decide", small.decide, large.decide),
+        (
+            "decide, include-features",
+            small.decide_with_features,
+            large.decide_with_features,
+        ),
     ];
     println!(
         "reviews and declines: {} of {SMALL} rows, {} of {LARGE}",
@@ -232,7 +252,7 @@ fn no_stage_allocates_per_row() {
     let mut per_row_stages = Vec::new();
     for (stage, s, l) in stages {
         println!(
-            "{stage:>7}: {s:>6} allocations at {SMALL} rows, {l:>6} at {LARGE}: {:.3} per row",
+            "{stage:>24}: {s:>6} allocations at {SMALL} rows, {l:>6} at {LARGE}: {:.3} per row",
             per_row(s, l)
         );
         if per_row(s, l) >= MAX_PER_ROW {
