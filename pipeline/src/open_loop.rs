@@ -151,6 +151,21 @@ fn why_not_sustained(
 
 /// The example config cut to the fraud workload, without deadline and drift monitor, with a
 /// 2 s Redis timeout, `model` and the bench's batching overrides.
+/// The `linger.ms` the verdict process's producer runs with, read back from the config it is
+/// given (verdict's default, then `--verdict-producer-linger-ms`, then any
+/// `--verdict-producer-property linger.ms=…`, which may be a fraction): a number when it
+/// parses as one.
+fn verdict_producer_linger_ms(args: &BenchArgs, model: &Path) -> anyhow::Result<serde_json::Value> {
+    let config = Config::parse(&process_config(args, model)?, Path::new("/"))?;
+    Ok(match config.kafka.producer().get("linger.ms") {
+        Some(value) => match value.parse::<f64>() {
+            Ok(ms) => json!(ms),
+            Err(_) => json!(value),
+        },
+        None => serde_json::Value::Null,
+    })
+}
+
 fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
     // The fraud workload is the first; the pricing one starts at the second `[[workloads]]`.
     let fraud_only = match EXAMPLE_CONFIG.match_indices("\n[[workloads]]\n").nth(1) {
@@ -176,7 +191,10 @@ fn process_config(args: &BenchArgs, model: &Path) -> anyhow::Result<String> {
                 "{line}\nconsumer-properties = {{ \"fetch.wait.max.ms\" = \"{}\" }}",
                 args.fetch_wait_ms
             );
-            let mut producer: Vec<(String, String)> = args
+            // A map, later settings replacing earlier ones: `--verdict-producer-linger-ms`
+            // together with `--verdict-producer-property linger.ms=…` wrote the key twice,
+            // which TOML refuses (the process did not start).
+            let mut producer: std::collections::BTreeMap<String, String> = args
                 .verdict_producer_linger_ms
                 .map(|ms| ("linger.ms".to_string(), ms.to_string()))
                 .into_iter()
@@ -774,7 +792,7 @@ pub async fn run(args: &BenchArgs, rates: &[f64]) -> anyhow::Result<()> {
             "warmup": args.warmup,
             "fetch_wait_ms": args.fetch_wait_ms,
             "load_generator_linger_ms": args.producer_linger_ms,
-            "verdict_producer_linger_ms": args.verdict_producer_linger_ms.unwrap_or(1),
+            "verdict_producer_linger_ms": verdict_producer_linger_ms(args, &model)?,
             "verdict_producer_properties": args.verdict_producer_properties.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "broker_hop": hops,
             "fixed_rates": fixed,
@@ -875,6 +893,24 @@ mod tests {
         let default = process_config(&args(&[]), &gbt).unwrap();
         let default = Config::parse(&default, Path::new("/nonexistent")).unwrap();
         assert_eq!(default.kafka.producer().get("linger.ms"), Some("1"));
+    }
+
+    #[test]
+    fn the_results_name_the_linger_the_producer_runs_with() {
+        let mlp = example_config_dir().join("../../scorers/models/fraud-mlp");
+        let linger = |flags: &[&str]| verdict_producer_linger_ms(&args(flags), &mlp).unwrap();
+        assert_eq!(linger(&[]), json!(1.0));
+        assert_eq!(linger(&["--verdict-producer-linger-ms", "5"]), json!(5.0));
+        // A property is applied after the flag, and librdkafka takes fractions.
+        assert_eq!(
+            linger(&[
+                "--verdict-producer-linger-ms",
+                "5",
+                "--verdict-producer-property",
+                "linger.ms=0.1",
+            ]),
+            json!(0.1)
+        );
     }
 
     fn probe(first_tenth_ms: f64, last_tenth_ms: f64, decided: usize, produce_s: f64) -> Probe {
