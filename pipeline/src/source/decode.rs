@@ -328,8 +328,19 @@ impl JsonBatchDecoder {
 }
 
 /// Whether `payload` nests arrays or objects deeper than `limit` (brackets inside strings do
-/// not count). One pass, no allocation.
+/// not count). No allocation.
 fn nesting_exceeds(payload: &[u8], limit: usize) -> bool {
+    // A transaction is one flat object: with no more opening brackets in it than the limit,
+    // anywhere, nothing can nest deeper. Counting them is one vectorised pass; the exact walk
+    // below, a branch per byte, was the larger part of the source thread's checks before the
+    // parser (1.6% of the process at 10,000 tx/s).
+    let openers = payload
+        .iter()
+        .map(|&b| usize::from(b == b'[' || b == b'{'))
+        .sum::<usize>();
+    if openers <= limit {
+        return false;
+    }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in payload {
         if in_string {
@@ -513,6 +524,9 @@ mod tests {
         assert!(!nesting_exceeds(br#"{"a":[[1]],"b":"[[[[[[[["}"#, 3));
         assert!(nesting_exceeds(br#"{"a":[[[1]]]}"#, 3));
         assert!(!nesting_exceeds(br#"{"a":"\"[[[[[["}"#, 1));
+        // At the limit by the count alone, and one past it.
+        assert!(!nesting_exceeds(br#"{"a":[1]}"#, 2));
+        assert!(nesting_exceeds(br#"{"a":[[1]]}"#, 2));
     }
 
     proptest::proptest! {
