@@ -7,6 +7,7 @@
 //! - [`transactional`]: a Kafka transaction per batch (exactly once);
 //! - [`encode`]: a decisions `RecordBatch` → keyed JSON records.
 
+mod decision_json;
 mod delivery_reports;
 pub mod encode;
 pub mod kafka;
