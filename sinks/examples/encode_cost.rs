@@ -26,7 +26,7 @@ fn batch(rows: usize, first_id: usize) -> RecordBatch {
     let ids: Vec<String> = (first_id..first_id + rows)
         .map(|i| format!("tx-{i:010}-a1b2c3"))
         .collect();
-    let reviewed = |i: usize| (first_id + i) % 50 == 0;
+    let reviewed = |i: usize| (first_id + i).is_multiple_of(50);
     let mut imputed = ListBuilder::new(StringBuilder::new());
     let mut reasons = ListBuilder::new(StringBuilder::new());
     let mut features = ListBuilder::new(Float32Builder::new());
