@@ -3,16 +3,17 @@
 //! Per workload:
 //!
 //! ```text
-//! source thread ──InputBatch──▶ enrich task ──Enriched──▶ scorer thread ──Scored──▶ sink task ──▶ acker task
-//!  (poll, batch, decode)        (Redis + SQL)             (ONNX Runtime)           (policy,      (awaits deliveries
-//!        ▲                                                                           enqueue)     in batch order)
-//!        └──────────────────────────────── ack(seq) after delivery ────────────────────────────────┘
+//! source thread ──InputBatch──▶ enrich task ──Enriched──▶ score task ──Scored──▶ sink task ──▶ acker task
+//!  (poll, batch, decode)        (Redis + SQL)             (ONNX Runtime)        (policy,      (awaits deliveries
+//!        ▲                                                                        enqueue)     in batch order)
+//!        └────────────────────────────── ack(seq) after delivery ──────────────────────────────┘
 //! ```
 //!
 //! Channels are bounded (`channel-capacity` batches): a slow stage blocks the one before it,
-//! up to the source, which then stops polling. ONNX Runtime runs on its own thread, off the
-//! async workers. Shutdown signals the source only; it closes its open batch and its channel,
-//! and each stage drains and exits when its input closes.
+//! up to the source, which then stops polling. Every stage but the source is a task on the
+//! async workers, ONNX Runtime's run included: a thread switch costs more than most stages'
+//! work on a batch. Shutdown signals the source only; it closes its open batch and its
+//! channel, and each stage drains and exits when its input closes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,7 +113,7 @@ struct RunningWorkload {
     counters: Arc<Counters>,
     source: SourceHandle,
     enrich: JoinHandle<Result<(), PipelineError>>,
-    score: std::thread::JoinHandle<Result<(), PipelineError>>,
+    score: JoinHandle<Result<(), PipelineError>>,
     /// At least once: the task that enqueues records (the acker awaits them). Exactly once,
     /// the committer (in `acker`) does both.
     sink: Option<JoinHandle<Result<(), PipelineError>>>,
@@ -397,10 +398,10 @@ impl Pipeline {
                 .enrich
                 .await
                 .map_err(|e| PipelineError::Stopped(e.to_string()))?;
-            let score = tokio::task::spawn_blocking(move || w.score.join())
+            let score = w
+                .score
                 .await
-                .map_err(|e| PipelineError::Stopped(e.to_string()))?
-                .map_err(|_| PipelineError::Stopped("scorer thread panicked".into()))?;
+                .map_err(|e| PipelineError::Stopped(e.to_string()))?;
             let sink = match w.sink {
                 Some(sink) => sink
                     .await
@@ -691,20 +692,21 @@ fn spawn_workload(
         })
     };
 
+    // Scoring runs on the runtime, not on a thread of its own: one model run per batch (tens
+    // to hundreds of microseconds on a CPU) costs less than the two thread wake-ups of
+    // handing the batch to a scorer thread and back, which on small batches were a large
+    // part of the batch's cost (stop 30).
     let score = {
         let workload = Arc::clone(&workload);
-        std::thread::Builder::new()
-            .name(format!("score-{}", workload.name))
-            .spawn(move || {
-                while let Some(enriched) = enriched_rx.blocking_recv() {
-                    let scored = workload.score(&mut scorer, enriched);
-                    if scored_tx.blocking_send(scored).is_err() {
-                        return Err(PipelineError::Stopped("sink stopped".into()));
-                    }
+        tokio::spawn(async move {
+            while let Some(enriched) = enriched_rx.recv().await {
+                let scored = workload.score(&mut scorer, enriched);
+                if scored_tx.send(scored).await.is_err() {
+                    return Err(PipelineError::Stopped("sink stopped".into()));
                 }
-                Ok(())
-            })
-            .map_err(|e| PipelineError::Stopped(format!("spawning the scorer thread: {e}")))?
+            }
+            Ok(())
+        })
     };
 
     // The drift monitor runs on its own thread, fed by the sink task through a small bounded
