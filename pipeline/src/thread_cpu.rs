@@ -1,12 +1,13 @@
 //! Where a measured process's own CPU goes, thread by thread, from `/proc/<pid>/task`.
 //!
 //! verdict's stages run on named threads, so the thread that spent the CPU says which stage
-//! did: `source-<workload>` consumes, batches and decodes; `tokio-rt-worker` runs the feature
-//! lookup, the join, the decision and the hand-off to the producer; `score-<workload>` builds
-//! the tensor and runs ONNX Runtime; librdkafka's `rdk:broker<id>` threads do the network
-//! I/O of the consumer and the producer, `rdk:main` their timers; `delivery-report` takes
-//! the producer's acknowledgements. The stage timers measure wall time (a feature lookup
-//! is mostly waiting for Redis); this measures CPU.
+//! did: `source-<workload>` consumes, batches and decodes; `tokio-rt-worker` runs every other
+//! stage — the feature lookup, the join, the tensor and ONNX Runtime, the decision, the
+//! hand-off to the producer and its acknowledgements (until stop 30 the last two had threads
+//! of their own, `score-<workload>` and `delivery-report`); librdkafka's `rdk:broker<id>`
+//! threads do the network I/O of the consumer and the producer, `rdk:main` their timers. The
+//! stage timers measure wall time (a feature lookup is mostly waiting for Redis); this
+//! measures CPU.
 //!
 //! Threads are grouped by name with a trailing number dropped (`rdk:broker1` and
 //! `rdk:broker-1` are both `rdk:broker`). A thread that ends between the two samples is not

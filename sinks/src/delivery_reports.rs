@@ -1,4 +1,4 @@
-//! Serving a producer's delivery reports on a thread that sleeps until librdkafka has one.
+//! Serving a producer's delivery reports when librdkafka has one, and only then.
 //!
 //! Why not rdkafka's `FutureProducer`/`ThreadedProducer`: their thread calls
 //! `BaseProducer::poll(100 ms)` in a loop, and that call polls until its deadline with the
@@ -7,10 +7,15 @@
 //! polling thread's samples and a tenth of verdict's CPU at 10,000 tx/s (`perf`, 2026-11-23).
 //!
 //! Here librdkafka writes a byte to a socket whenever its (main) event queue goes from empty to
-//! non-empty (`rd_kafka_queue_io_event_enable`), the thread blocks reading that socket, and
-//! then serves exactly the events queued — one `poll(0)` each, which returns after one event
-//! without spinning. The read also times out every [`SAFETY_POLL`], so an event whose wake-up
-//! was missed is served late, never lost. Stopping writes to the same socket.
+//! non-empty (`rd_kafka_queue_io_event_enable`); whoever serves waits for that socket to be
+//! readable and then serves exactly the events queued — one `poll(0)` each, which returns
+//! after one event without spinning. The wait also ends every [`SAFETY_POLL`], so an event
+//! whose wake-up was missed is served late, never lost. Stopping writes to the same socket.
+//!
+//! Created on a tokio runtime (the pipeline's case), the socket is watched by the runtime's
+//! I/O driver and the reports are served by a task: the worker that wakes for them is the one
+//! that then runs the task awaiting the batch's delivery, where a thread of its own cost two
+//! thread wake-ups per report (stop 30). Created outside a runtime, a thread serves them.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -55,12 +60,20 @@ impl Drop for MainQueue {
     }
 }
 
-/// The thread serving one producer's delivery reports; stops and joins on drop.
+/// What serves one producer's delivery reports; stops on drop.
 pub(crate) struct DeliveryReports {
     stop: Arc<AtomicBool>,
-    /// Our end for waking the thread; librdkafka writes to a clone of it.
+    /// Our end for waking the server; librdkafka writes to a clone of it.
     wake: UnixStream,
-    thread: Option<JoinHandle<()>>,
+    serving: Serving,
+}
+
+enum Serving {
+    /// A task on the runtime the producer was created on. It ends at the wake-up that stop
+    /// sends, dropping its reference to the producer.
+    Task,
+    /// A thread of its own (no runtime at creation), joined on drop.
+    Thread(Option<JoinHandle<()>>),
 }
 
 impl DeliveryReports {
@@ -68,15 +81,14 @@ impl DeliveryReports {
     where
         C: ProducerContext + 'static,
     {
-        let (mut sleeper, wake) = UnixStream::pair()?;
+        let (sleeper, wake) = UnixStream::pair()?;
         // librdkafka writes from its own threads and must never block on a full socket: a
         // pending byte already means "look at the queue".
         wake.set_nonblocking(true)?;
-        sleeper.set_read_timeout(Some(SAFETY_POLL))?;
         let librdkafka_end = wake.try_clone()?;
 
-        // SAFETY: the client pointer is valid while `producer` lives, which the thread's Arc
-        // guarantees past the queue's own drop (the queue is dropped first, in the thread).
+        // SAFETY: the client pointer is valid while `producer` lives, which the server's Arc
+        // guarantees past the queue's own drop (the queue is dropped first, by the server).
         let queue =
             MainQueue(unsafe { rdsys::rd_kafka_queue_get_main(producer.client().native_ptr()) });
         if queue.0.is_null() {
@@ -84,7 +96,7 @@ impl DeliveryReports {
         }
         const PAYLOAD: &[u8] = b"!";
         // SAFETY: librdkafka copies the payload; the fd stays open until the queue's Drop
-        // disables the events (the thread owns `librdkafka_end` until after that).
+        // disables the events (the server owns `librdkafka_end` until after that).
         unsafe {
             rdsys::rd_kafka_queue_io_event_enable(
                 queue.0,
@@ -96,18 +108,112 @@ impl DeliveryReports {
 
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
+        let server = Server {
+            queue,
+            _librdkafka_end: librdkafka_end,
+            producer,
+            stopping,
+        };
+        let serving = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                // Registered through a duplicate, so a runtime without its I/O driver (which
+                // refuses it) still leaves `sleeper` for a thread.
+                let watched = sleeper.try_clone()?;
+                watched.set_nonblocking(true)?;
+                let registered = {
+                    let _entered = runtime.enter();
+                    tokio::net::UnixStream::from_std(watched)
+                };
+                match registered {
+                    Ok(watched) => {
+                        runtime.spawn(server.serve_on_runtime(watched));
+                        Serving::Task
+                    }
+                    Err(_) => server.spawn_thread(sleeper)?,
+                }
+            }
+            Err(_) => server.spawn_thread(sleeper)?,
+        };
+        Ok(Self {
+            stop,
+            wake,
+            serving,
+        })
+    }
+}
+
+/// The producer, its event queue and librdkafka's end of the wake-up socket, owned by
+/// whatever serves them.
+///
+/// Fields drop in declaration order, and that order matters: the queue first (its drop
+/// disables the wake-ups, so librdkafka never writes to a closed socket, and releases its
+/// reference into the client), then the socket, then (possibly the last) reference to the
+/// producer.
+struct Server<C: ProducerContext + 'static> {
+    queue: MainQueue,
+    /// Kept open, never read: librdkafka writes its wake-ups to this descriptor.
+    _librdkafka_end: UnixStream,
+    producer: Arc<BaseProducer<C>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl<C: ProducerContext + 'static> Server<C> {
+    /// Serves the events queued now: each `poll(0)` serves one and returns, no deadline to
+    /// spin towards.
+    fn serve_queued(&self) {
+        let mut served = 0;
+        while served < MAX_EVENTS_PER_WAKE && self.queue.len() > 0 {
+            self.producer.poll(Duration::ZERO);
+            served += 1;
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    async fn serve_on_runtime(self, sleeper: tokio::net::UnixStream) {
+        let mut buf = [0u8; 256];
+        loop {
+            self.serve_queued();
+            if self.stopped() {
+                break;
+            }
+            match tokio::time::timeout(SAFETY_POLL, sleeper.readable()).await {
+                Err(_safety_poll) => continue,
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "delivery report socket; serving by timer");
+                    tokio::time::sleep(SAFETY_POLL).await;
+                    continue;
+                }
+            }
+            // Empty the socket before serving the queue: a byte written after this means
+            // events the next serve has not seen, and wakes this task again.
+            loop {
+                match sleeper.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "delivery report socket; serving by timer");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_thread(self, mut sleeper: UnixStream) -> Result<Serving> {
+        sleeper.set_read_timeout(Some(SAFETY_POLL))?;
         let thread = std::thread::Builder::new()
             .name("delivery-reports".into())
             .spawn(move || {
                 let mut buf = [0u8; 256];
                 loop {
-                    // Each poll(0) serves one event and returns: no deadline to spin towards.
-                    let mut served = 0;
-                    while served < MAX_EVENTS_PER_WAKE && queue.len() > 0 {
-                        producer.poll(Duration::ZERO);
-                        served += 1;
-                    }
-                    if stopping.load(Ordering::Acquire) {
+                    self.serve_queued();
+                    if self.stopped() {
                         break;
                     }
                     match sleeper.read(&mut buf) {
@@ -126,14 +232,8 @@ impl DeliveryReports {
                         }
                     }
                 }
-                drop(queue);
-                drop(librdkafka_end);
             })?;
-        Ok(Self {
-            stop,
-            wake,
-            thread: Some(thread),
-        })
+        Ok(Serving::Thread(Some(thread)))
     }
 }
 
@@ -142,8 +242,10 @@ impl Drop for DeliveryReports {
         self.stop.store(true, Ordering::Release);
         // A full socket already holds a wake-up; any error leaves the timer to end the wait.
         let _ = (&self.wake).write(b"s");
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Serving::Thread(thread) = &mut self.serving {
+            if let Some(thread) = thread.take() {
+                let _ = thread.join();
+            }
         }
     }
 }

@@ -11,8 +11,9 @@
 //! of the reports still due: the last report resolves the batch. That is one reference-count
 //! increment per record, where a one-shot channel per record (rdkafka's `FutureProducer`) is
 //! two allocations per record and a future per record for the batch to join. The delivery
-//! reports are served by [`DeliveryReports`], a thread that sleeps until librdkafka has a
-//! report instead of spinning at the end of every poll.
+//! reports are served by [`DeliveryReports`] — a task on the tokio runtime the sink was made
+//! on, or a thread without one — which wakes only when librdkafka has a report instead of
+//! spinning at the end of every poll.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,7 +105,8 @@ impl ProducerContext for ReportToBatch {
 }
 
 struct Producing {
-    // Declared first: dropped (stopped and joined) before the producer it serves.
+    // Declared first: stopped (a thread also joined) before this reference to the producer
+    // goes; a task drops its own reference when it ends.
     _reports: DeliveryReports,
     producer: Arc<BaseProducer<ReportToBatch>>,
 }
