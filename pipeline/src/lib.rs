@@ -8,7 +8,7 @@
 //!
 //! Layout:
 //! - [`config`]: the TOML tree;
-//! - [`source`]: consumer thread, micro-batcher, JSON → Arrow;
+//! - [`source`]: consumer task, micro-batcher, JSON → Arrow;
 //! - [`workload`]: one workload's per-batch work (enrich, score, decide);
 //! - [`dead_letter`]: dead-letter records;
 //! - [`deadline`]: latency budgets, stage cost estimates, fallback decisions;

@@ -1,10 +1,11 @@
 //! Where a measured process's own CPU goes, thread by thread, from `/proc/<pid>/task`.
 //!
-//! verdict's stages run on named threads, so the thread that spent the CPU says which stage
-//! did: `source-<workload>` consumes, batches and decodes; `tokio-rt-worker` runs every other
-//! stage — the feature lookup, the join, the tensor and ONNX Runtime, the decision, the
-//! hand-off to the producer and its acknowledgements (until stop 30 the last two had threads
-//! of their own, `score-<workload>` and `delivery-report`); librdkafka's `rdk:broker<id>`
+//! The thread that spent the CPU says which part did: `tokio-rt-worker` runs every stage of
+//! verdict's own — consuming, batching and decoding, the feature lookup, the join, the tensor
+//! and ONNX Runtime, the decision, the hand-off to the producer and its acknowledgements
+//! (until stop 30 scoring and the delivery reports had threads of their own,
+//! `score-<workload>` and `delivery-report`, and until stop 31 the source,
+//! `source-<workload>`); librdkafka's `rdk:broker<id>`
 //! threads do the network I/O of the consumer and the producer, `rdk:main` their timers. The
 //! stage timers measure wall time (a feature lookup is mostly waiting for Redis); this
 //! measures CPU.

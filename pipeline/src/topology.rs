@@ -3,16 +3,16 @@
 //! Per workload:
 //!
 //! ```text
-//! source thread ──InputBatch──▶ enrich task ──Enriched──▶ score task ──Scored──▶ sink task ──▶ acker task
+//! source task ──InputBatch──▶ enrich task ──Enriched──▶ score task ──Scored──▶ sink task ──▶ acker task
 //!  (poll, batch, decode)        (Redis + SQL)             (ONNX Runtime)        (policy,      (awaits deliveries
 //!        ▲                                                                        enqueue)     in batch order)
 //!        └────────────────────────────── ack(seq) after delivery ──────────────────────────────┘
 //! ```
 //!
 //! Channels are bounded (`channel-capacity` batches): a slow stage blocks the one before it,
-//! up to the source, which then stops polling. Every stage but the source is a task on the
-//! async workers, ONNX Runtime's run included: a thread switch costs more than most stages'
-//! work on a batch. Shutdown signals the source only; it closes its open batch and its
+//! up to the source, which then stops polling. Every stage is a task on the async workers,
+//! the source (woken by librdkafka's queue socket) and ONNX Runtime's run included: a thread
+//! switch costs more than most stages' work on a batch. Shutdown signals the source only; it closes its open batch and its
 //! channel, and each stage drains and exits when its input closes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -390,10 +390,11 @@ impl Pipeline {
         let _http = self.http;
         let health_checks = self.health_checks;
         for w in self.workloads {
-            let source = tokio::task::spawn_blocking(move || w.source.thread.join())
+            let source = w
+                .source
+                .task
                 .await
-                .map_err(|e| PipelineError::Stopped(e.to_string()))?
-                .map_err(|_| PipelineError::Stopped("source thread panicked".into()))?;
+                .map_err(|e| PipelineError::Stopped(format!("the source task: {e}")))?;
             let enrich = w
                 .enrich
                 .await

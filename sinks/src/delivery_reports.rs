@@ -18,7 +18,6 @@
 //! thread wake-ups per report (stop 30). Created outside a runtime, a thread serves them.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use std::time::Duration;
 use rdkafka::bindings as rdsys;
 use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
+use crate::queue_wakeup::QueueWakeup;
 use crate::{Result, SinkError};
 
 /// Longest the thread sleeps without a wake-up: a bound on a missed one, not a poll rate.
@@ -35,30 +35,6 @@ const SAFETY_POLL: Duration = Duration::from_millis(100);
 /// Most events served per wake-up before the socket is read again (keeps a stuck queue from
 /// becoming a spin).
 const MAX_EVENTS_PER_WAKE: usize = 100_000;
-
-/// The producer's main event queue, held while the thread uses it.
-struct MainQueue(*mut rdsys::rd_kafka_queue_t);
-
-// librdkafka queues are thread-safe; the handle is only a reference-counted pointer.
-unsafe impl Send for MainQueue {}
-unsafe impl Sync for MainQueue {}
-
-impl MainQueue {
-    fn len(&self) -> usize {
-        // SAFETY: the pointer came from rd_kafka_queue_get_main and is destroyed only in Drop.
-        unsafe { rdsys::rd_kafka_queue_length(self.0) }
-    }
-}
-
-impl Drop for MainQueue {
-    fn drop(&mut self) {
-        // SAFETY: as above; disabling first so librdkafka never writes to a closed socket.
-        unsafe {
-            rdsys::rd_kafka_queue_io_event_enable(self.0, -1, std::ptr::null(), 0);
-            rdsys::rd_kafka_queue_destroy(self.0);
-        }
-    }
-}
 
 /// What serves one producer's delivery reports; stops on drop.
 pub(crate) struct DeliveryReports {
@@ -81,36 +57,21 @@ impl DeliveryReports {
     where
         C: ProducerContext + 'static,
     {
-        let (sleeper, wake) = UnixStream::pair()?;
-        // librdkafka writes from its own threads and must never block on a full socket: a
-        // pending byte already means "look at the queue".
-        wake.set_nonblocking(true)?;
-        let librdkafka_end = wake.try_clone()?;
-
-        // SAFETY: the client pointer is valid while `producer` lives, which the server's Arc
-        // guarantees past the queue's own drop (the queue is dropped first, by the server).
-        let queue =
-            MainQueue(unsafe { rdsys::rd_kafka_queue_get_main(producer.client().native_ptr()) });
-        if queue.0.is_null() {
-            return Err(SinkError::Config("the producer has no main queue".into()));
-        }
-        const PAYLOAD: &[u8] = b"!";
-        // SAFETY: librdkafka copies the payload; the fd stays open until the queue's Drop
-        // disables the events (the server owns `librdkafka_end` until after that).
-        unsafe {
-            rdsys::rd_kafka_queue_io_event_enable(
-                queue.0,
-                librdkafka_end.as_raw_fd(),
-                PAYLOAD.as_ptr().cast(),
-                PAYLOAD.len(),
-            );
-        }
+        // SAFETY: the client pointer is valid while `producer` lives, and the server holds
+        // the producer's Arc past the queue's drop (field order of `Server`).
+        let (queue, sleeper) = unsafe {
+            QueueWakeup::enable(rdsys::rd_kafka_queue_get_main(
+                producer.client().native_ptr(),
+            ))
+        }?
+        .ok_or_else(|| SinkError::Config("the producer has no main queue".into()))?;
+        // Stopping writes to the same socket librdkafka does.
+        let wake = queue.waker()?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let server = Server {
             queue,
-            _librdkafka_end: librdkafka_end,
             producer,
             stopping,
         };
@@ -142,17 +103,13 @@ impl DeliveryReports {
     }
 }
 
-/// The producer, its event queue and librdkafka's end of the wake-up socket, owned by
-/// whatever serves them.
+/// The producer and its woken event queue, owned by whatever serves them.
 ///
 /// Fields drop in declaration order, and that order matters: the queue first (its drop
-/// disables the wake-ups, so librdkafka never writes to a closed socket, and releases its
-/// reference into the client), then the socket, then (possibly the last) reference to the
-/// producer.
+/// disables the wake-ups and releases its reference into the client), then (possibly the
+/// last) reference to the producer.
 struct Server<C: ProducerContext + 'static> {
-    queue: MainQueue,
-    /// Kept open, never read: librdkafka writes its wake-ups to this descriptor.
-    _librdkafka_end: UnixStream,
+    queue: QueueWakeup,
     producer: Arc<BaseProducer<C>>,
     stopping: Arc<AtomicBool>,
 }
@@ -162,7 +119,7 @@ impl<C: ProducerContext + 'static> Server<C> {
     /// spin towards.
     fn serve_queued(&self) {
         let mut served = 0;
-        while served < MAX_EVENTS_PER_WAKE && self.queue.len() > 0 {
+        while served < MAX_EVENTS_PER_WAKE && !self.queue.is_empty() {
             self.producer.poll(Duration::ZERO);
             served += 1;
         }

@@ -3,7 +3,8 @@
 //! - [`sink`]: the [`Sink`] trait (hand over a batch of records, get a future that resolves
 //!   when all are acknowledged) and an in-memory test double;
 //! - [`kafka`]: the Kafka producer implementation (at least once);
-//! - [`delivery_reports`]: the thread that serves its delivery reports;
+//! - [`delivery_reports`]: what serves its delivery reports, woken by a
+//!   [`queue_wakeup::QueueWakeup`] (which the consumer's source uses too);
 //! - [`transactional`]: a Kafka transaction per batch (exactly once);
 //! - [`encode`]: a decisions `RecordBatch` → keyed JSON records.
 
@@ -11,6 +12,7 @@ mod decision_json;
 mod delivery_reports;
 pub mod encode;
 pub mod kafka;
+pub mod queue_wakeup;
 pub mod sink;
 pub mod transactional;
 

@@ -1,9 +1,12 @@
-//! The Kafka consumer thread.
+//! The Kafka consumer task.
 //!
-//! Why a thread and `BaseConsumer` rather than `StreamConsumer`: a stream wakes an async task
-//! per message (reported 5× slower) and has lost wakeups (rust-rdkafka #665, #638). Here one
-//! thread polls, batches and decodes, and blocks on the bounded channel to the stages when they
-//! are behind — that blocking is the pipeline's backpressure.
+//! Why `BaseConsumer` rather than `StreamConsumer`: a stream wakes an async task per message
+//! (reported 5× slower) and has lost wakeups (rust-rdkafka #665, #638). Here one task sleeps
+//! until librdkafka signals the consumer's queue ([`super::wakeups`]), then takes everything
+//! waiting with non-blocking polls, batches and decodes, and waits on the bounded channel to
+//! the stages when they are behind — that wait is the pipeline's backpressure. It was a thread
+//! of its own until stop 31; as a task, a fetched batch goes from librdkafka to the producer
+//! without crossing to another thread of verdict's.
 //!
 //! Offsets: `enable.auto.offset.store=false`. When a batch is acknowledged (all its decisions
 //! and dead letters delivered), the highest offset of each of its partitions is stored, and
@@ -24,12 +27,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Headers, Message};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
 use verdict_sinks::NextOffset;
@@ -37,6 +40,7 @@ use verdict_sinks::NextOffset;
 use super::batcher::adaptive_wait;
 use super::decode::JsonBatchDecoder;
 use super::open_batch::{ClosedBatch, MessageMeta, OpenBatch};
+use super::wakeups::ConsumerWakeups;
 use super::{GroupMetadata, InputBatch, RawMessage};
 use crate::deadline::{Ahead, StageCosts};
 use crate::metrics::{ErrorStage, Metrics, WorkloadMetrics};
@@ -89,9 +93,9 @@ pub struct SourceStats {
     pub acked_batches: u64,
 }
 
-/// The running source thread.
+/// The running source task.
 pub struct SourceHandle {
-    pub thread: JoinHandle<Result<SourceStats, PipelineError>>,
+    pub task: tokio::task::JoinHandle<Result<SourceStats, PipelineError>>,
 }
 
 /// Offsets of batches handed to the stages and not yet acknowledged.
@@ -120,6 +124,17 @@ struct SourceContext {
     /// terminate right then and never answer `rd_kafka_assignment` (a request to the group's
     /// thread, like the one in librdkafka#4041). A CI run hung there, in `Pipeline::wait`.
     assigned: AtomicI64,
+    /// Set while the source task is inside `poll`, where the rebalance callbacks run: on a
+    /// runtime worker, so what they wait for must first hand the worker's other tasks on.
+    polling_on_runtime: AtomicBool,
+}
+
+/// What one absorption of acks found.
+struct Absorbed {
+    /// Batches acknowledged.
+    acked: u64,
+    /// The stages have dropped their end: no more acks will come.
+    stages_gone: bool,
 }
 
 /// The part of librdkafka's statistics JSON the lag metric needs.
@@ -178,12 +193,15 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Revoke(partitions) = rebalance {
             // Finish what is in flight and commit it while we still own the partitions, so
             // the next owner starts after it instead of deciding it again.
-            let pending = self.drain(consumer, DRAIN_TIMEOUT);
-            if !self.exactly_once {
-                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                    tracing::debug!(workload = %self.workload, error = %e, "commit on revoke");
+            let pending = self.blocking(|| {
+                let pending = self.drain(consumer, DRAIN_TIMEOUT);
+                if !self.exactly_once {
+                    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                        tracing::debug!(workload = %self.workload, error = %e, "commit on revoke");
+                    }
                 }
-            }
+                pending
+            });
             tracing::info!(
                 workload = %self.workload,
                 revoked = partitions.count(),
@@ -237,12 +255,35 @@ fn assigned_after(assigned: &AtomicI64, change: i64) -> i64 {
 }
 
 impl SourceContext {
-    /// Stores offsets of every acknowledged batch; returns how many batches were acked.
-    fn absorb_acks(&self, consumer: &BaseConsumer<Self>, wait: Option<Duration>) -> u64 {
+    /// Runs `f`, which may block for seconds (waiting for acks, a synchronous commit). Called
+    /// from a rebalance callback inside the source task's poll, it first hands the worker's
+    /// other tasks to another thread: the stages must go on delivering the batches `f` waits
+    /// for. Elsewhere (the final close, on a blocking thread) it just runs `f`.
+    fn blocking<R>(&self, f: impl FnOnce() -> R) -> R {
+        if self.polling_on_runtime.load(Ordering::Relaxed) {
+            tokio::task::block_in_place(f)
+        } else {
+            f()
+        }
+    }
+
+    /// Stores offsets of every acknowledged batch, waiting up to `wait` for the first ack.
+    fn absorb_acks(&self, consumer: &BaseConsumer<Self>, wait: Option<Duration>) -> Absorbed {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
         let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-        let mut acked = 0;
+        let mut absorbed = Absorbed {
+            acked: 0,
+            stages_gone: false,
+        };
         let mut first = match wait {
-            Some(timeout) => acks.recv_timeout(timeout).ok(),
+            Some(timeout) => match acks.recv_timeout(timeout) {
+                Ok(seq) => Some(seq),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    absorbed.stages_gone = true;
+                    None
+                }
+            },
             None => None,
         };
         loop {
@@ -250,10 +291,14 @@ impl SourceContext {
                 Some(seq) => seq,
                 None => match acks.try_recv() {
                     Ok(seq) => seq,
-                    Err(_) => break,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        absorbed.stages_gone = true;
+                        break;
+                    }
                 },
             };
-            acked += 1;
+            absorbed.acked += 1;
             let offsets = self
                 .in_flight
                 .lock()
@@ -274,7 +319,7 @@ impl SourceContext {
                 }
             }
         }
-        acked
+        absorbed
     }
 
     fn in_flight_count(&self) -> usize {
@@ -285,8 +330,8 @@ impl SourceContext {
             .len()
     }
 
-    /// Waits until every in-flight batch is acknowledged (or `timeout`); returns how many
-    /// were still unacknowledged.
+    /// Waits until every in-flight batch is acknowledged (or `timeout`, or the stages are
+    /// gone); returns how many were still unacknowledged.
     fn drain(&self, consumer: &BaseConsumer<Self>, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
         while self.in_flight_count() > 0 {
@@ -294,21 +339,19 @@ impl SourceContext {
             if now >= deadline {
                 break;
             }
-            self.absorb_acks(
+            let absorbed = self.absorb_acks(
                 consumer,
                 Some((deadline - now).min(Duration::from_millis(100))),
             );
+            // The stages stopped: what is still in flight will never be acknowledged (it is
+            // consumed again by whoever reads next), and waiting out the timeout would only
+            // spin on a closed channel.
+            if absorbed.stages_gone {
+                break;
+            }
         }
         self.in_flight_count()
     }
-}
-
-/// librdkafka takes poll timeouts in whole milliseconds and rdkafka truncates: the last
-/// fraction of a millisecond before a batch's linger ends would become non-blocking polls in
-/// a loop, a spin that took about a tenth of a core at 2,000 tx/s (200 batches a second).
-/// Rounding up overshoots the linger by under a millisecond instead.
-fn whole_millis(wait: Duration) -> Duration {
-    Duration::from_millis(wait.as_micros().div_ceil(1000) as u64)
 }
 
 /// Pauses or resumes every assigned partition.
@@ -422,32 +465,181 @@ pub struct SourceSettings {
     pub rewind: Option<Arc<Rewind>>,
 }
 
-/// Starts the consumer thread. Batches go to `batches`; the stages send each batch's `seq` to
-/// `acks` once its outputs are delivered. Setting `shutdown` makes the source close its open
-/// batch, stop consuming, wait for the in-flight batches and commit.
+/// A message as the consumer lends it, or the error it polled instead.
+type Polled<'c> = Option<KafkaResult<BorrowedMessage<'c>>>;
+
+/// Takes what the consumer's queue holds now, without waiting. Rebalance callbacks run inside
+/// this call; while it lasts they may block (see [`SourceContext::blocking`]).
+fn poll_now(consumer: &BaseConsumer<SourceContext>) -> Polled<'_> {
+    let ctx = consumer.context();
+    ctx.polling_on_runtime.store(true, Ordering::Relaxed);
+    let polled = consumer.poll(Duration::ZERO);
+    ctx.polling_on_runtime.store(false, Ordering::Relaxed);
+    polled
+}
+
+/// Most polls in a row that return nothing while the queue still reports events (rebalances,
+/// statistics and other events a poll serves itself) before the task sleeps anyway.
+const MAX_EMPTY_POLLS: usize = 64;
+
+/// Polls for the first message of a burst, sleeping on the consumer's wake-up socket until
+/// one arrives or `deadline` passes (or the source is asked to stop).
+async fn first_message<'c>(
+    consumer: &'c BaseConsumer<SourceContext>,
+    wakeups: &ConsumerWakeups,
+    deadline: Instant,
+    shutdown: &AtomicBool,
+) -> Polled<'c> {
+    let mut empty_polls = 0;
+    loop {
+        if let Some(polled) = poll_now(consumer) {
+            return Some(polled);
+        }
+        // No new wake-up comes for a queue that never emptied: poll again first.
+        if wakeups.queued() > 0 && empty_polls < MAX_EMPTY_POLLS {
+            empty_polls += 1;
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline || shutdown.load(Ordering::Relaxed) {
+            return None;
+        }
+        wakeups.wait(deadline - now).await;
+        empty_polls = 0;
+    }
+}
+
+/// The consumer, closed off the runtime if the task is dropped before it ends (the runtime
+/// shutting down): closing leaves the group, which runs the revocation callback, and that
+/// waits for the in-flight batches.
+struct ClosedOffRuntime(Option<BaseConsumer<SourceContext>>);
+
+impl ClosedOffRuntime {
+    fn consumer(&self) -> &BaseConsumer<SourceContext> {
+        self.0
+            .as_ref()
+            .expect("the consumer is taken only by into_inner, which consumes the guard")
+    }
+
+    fn into_inner(mut self) -> Option<BaseConsumer<SourceContext>> {
+        self.0.take()
+    }
+}
+
+impl Drop for ClosedOffRuntime {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            // If no thread can be had, the close runs here, blocking this thread.
+            let _ = std::thread::Builder::new()
+                .name("source-close".into())
+                .spawn(move || drop(consumer));
+        }
+    }
+}
+
+/// Turns closed batches into [`InputBatch`]es: decoding, sequence numbers, in-flight offsets.
+struct BatchMaker {
+    decoder: JsonBatchDecoder,
+    metrics: WorkloadMetrics,
+    seq: u64,
+}
+
+impl BatchMaker {
+    fn make(
+        &mut self,
+        closed: ClosedBatch,
+        epoch: u64,
+        stats: &mut SourceStats,
+        consumer: &BaseConsumer<SourceContext>,
+    ) -> Result<InputBatch, PipelineError> {
+        let ctx = consumer.context();
+        let ClosedBatch {
+            messages,
+            opened_at,
+        } = closed;
+        let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.as_deref()).collect();
+        let decode_started = Instant::now();
+        let decoded = self.decoder.decode(&payloads)?;
+        let decode_time = decode_started.elapsed();
+        self.metrics.consumed.inc_by(messages.len() as u64);
+        self.metrics.batch_messages.observe(messages.len() as f64);
+        self.metrics.decode.observe(decode_time.as_secs_f64());
+        self.metrics.in_flight.inc();
+        let offsets = highest_offsets(&messages);
+        stats.messages += messages.len() as u64;
+        stats.batches += 1;
+        stats.rejected += decoded.rejected.len() as u64;
+        let next_offsets = offsets
+            .iter()
+            .map(|(topic, partition, offset)| NextOffset {
+                topic: Arc::clone(topic),
+                partition: *partition,
+                offset: offset + 1,
+            })
+            .collect();
+        let group = if ctx.exactly_once {
+            consumer
+                .group_metadata()
+                .map(|g| GroupMetadata(Arc::new(g)))
+        } else {
+            None
+        };
+        let seq = self.seq;
+        self.seq += 1;
+        ctx.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .batches
+            .insert(seq, offsets);
+        Ok(InputBatch {
+            seq,
+            decoded,
+            messages,
+            opened_at,
+            decode_time,
+            next_offsets,
+            epoch,
+            group,
+        })
+    }
+}
+
+/// Starts the source as a task on the current runtime, which must be tokio's multi-thread one
+/// with its I/O driver: a revocation blocks the source's worker until the in-flight batches
+/// are delivered, and the stages delivering them need the other workers meanwhile.
+///
+/// Batches go to `batches`; the stages send each batch's `seq` to `acks` once its outputs are
+/// delivered. Setting `shutdown` makes the source close its open batch, stop consuming, wait
+/// for the in-flight batches and commit.
 pub fn spawn_kafka_source(
     settings: SourceSettings,
-    mut decoder: JsonBatchDecoder,
+    decoder: JsonBatchDecoder,
     batches: Sender<InputBatch>,
     acks: Receiver<u64>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<SourceHandle, PipelineError> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        PipelineError::Config("the source runs on a tokio runtime and none is running".into())
+    })?;
+    if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return Err(PipelineError::Config(
+            "the source needs tokio's multi-thread runtime: a revocation blocks its worker \
+             while the other workers deliver the in-flight batches"
+                .into(),
+        ));
+    }
     let context = SourceContext {
         workload: settings.workload.clone(),
         in_flight: Mutex::new(InFlight::default()),
         acks: Mutex::new(acks),
-        metrics: settings.metrics,
+        metrics: Arc::clone(&settings.metrics),
         workload_metrics: settings.workload_metrics.clone(),
-        joined: settings.joined,
+        joined: Arc::clone(&settings.joined),
         paused: AtomicBool::new(false),
         exactly_once: settings.rewind.is_some(),
         assigned: AtomicI64::new(0),
+        polling_on_runtime: AtomicBool::new(false),
     };
-    let reset_to_end = matches!(
-        settings.consumer.get("auto.offset.reset"),
-        Some("latest" | "largest" | "end")
-    );
-    let metrics = settings.workload_metrics;
     let consumer: BaseConsumer<SourceContext> = settings
         .consumer
         .create_with_context(context)
@@ -455,246 +647,233 @@ pub fn spawn_kafka_source(
     consumer
         .subscribe(&[settings.topic.as_str()])
         .map_err(|e| PipelineError::Kafka(format!("subscribing to `{}`: {e}", settings.topic)))?;
+    let wakeups = ConsumerWakeups::register(&consumer)?;
+    let maker = BatchMaker {
+        decoder,
+        metrics: settings.workload_metrics.clone(),
+        seq: 0,
+    };
+    let task = runtime.spawn(run_source(
+        ClosedOffRuntime(Some(consumer)),
+        wakeups,
+        settings,
+        maker,
+        batches,
+        shutdown,
+    ));
+    Ok(SourceHandle { task })
+}
 
-    let thread = std::thread::Builder::new()
-        .name(format!("source-{}", settings.workload))
-        .spawn(move || {
-            let mut open_batch = OpenBatch::new(settings.max_rows, settings.linger);
-            let mut stats = SourceStats::default();
-            let mut seq = 0u64;
-            let mut topics: Vec<Arc<str>> = Vec::new();
-            let ctx = consumer.context();
-            let mut epoch = settings.rewind.as_ref().map_or(0, |r| r.epoch());
-            let consumer_ref = &consumer;
-            let mut send = |closed: ClosedBatch, epoch: u64, stats: &mut SourceStats| {
-                let ClosedBatch {
-                    messages,
-                    opened_at,
-                } = closed;
-                let payloads: Vec<Option<&[u8]>> =
-                    messages.iter().map(|m| m.payload.as_deref()).collect();
-                let decode_started = Instant::now();
-                let decoded = decoder.decode(&payloads)?;
-                let decode_time = decode_started.elapsed();
-                metrics.consumed.inc_by(messages.len() as u64);
-                metrics.batch_messages.observe(messages.len() as f64);
-                metrics.decode.observe(decode_time.as_secs_f64());
-                metrics.in_flight.inc();
-                let offsets = highest_offsets(&messages);
-                stats.messages += messages.len() as u64;
-                stats.batches += 1;
-                stats.rejected += decoded.rejected.len() as u64;
-                let next_offsets = offsets
-                    .iter()
-                    .map(|(topic, partition, offset)| NextOffset {
-                        topic: Arc::clone(topic),
-                        partition: *partition,
-                        offset: offset + 1,
-                    })
-                    .collect();
-                let group = if ctx.exactly_once {
-                    consumer_ref
-                        .group_metadata()
-                        .map(|g| GroupMetadata(Arc::new(g)))
-                } else {
-                    None
-                };
-                ctx.in_flight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .batches
-                    .insert(seq, offsets);
-                let batch = InputBatch {
-                    seq,
-                    decoded,
-                    messages,
-                    opened_at,
-                    decode_time,
-                    next_offsets,
-                    epoch,
-                    group,
-                };
-                seq += 1;
-                batches.blocking_send(batch).map_err(|_| {
-                    PipelineError::Stopped("the stages stopped before the source".into())
-                })
-            };
+/// The source's loop: poll, batch, decode, hand over; flow control, acks and rewinds between
+/// bursts; on shutdown, drain and commit.
+async fn run_source(
+    guard: ClosedOffRuntime,
+    wakeups: ConsumerWakeups,
+    settings: SourceSettings,
+    mut maker: BatchMaker,
+    batches: Sender<InputBatch>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<SourceStats, PipelineError> {
+    let reset_to_end = matches!(
+        settings.consumer.get("auto.offset.reset"),
+        Some("latest" | "largest" | "end")
+    );
+    let metrics = &settings.workload_metrics;
+    let consumer = guard.consumer();
+    let ctx = consumer.context();
+    let mut open_batch = OpenBatch::new(settings.max_rows, settings.linger);
+    let mut stats = SourceStats::default();
+    let mut topics: Vec<Arc<str>> = Vec::new();
+    let mut epoch = settings.rewind.as_ref().map_or(0, |r| r.epoch());
+    let stages_stopped = |_| PipelineError::Stopped("the stages stopped before the source".into());
 
-            let mut last_error_log = Instant::now() - Duration::from_secs(60);
-            while !shutdown.load(Ordering::Relaxed) {
-                stats.acked_batches += ctx.absorb_acks(&consumer, None);
-                if let Some(rewind) = &settings.rewind {
-                    let requested = rewind.epoch();
-                    if requested != epoch {
-                        match rewind_to_committed(&consumer, reset_to_end) {
-                            Ok(partitions) => {
-                                // The open batch was read past the committed offsets too.
-                                let _ = open_batch.flush();
-                                epoch = requested;
-                                metrics.rewinds.inc();
-                                tracing::warn!(
-                                    workload = %settings.workload,
-                                    partitions,
-                                    epoch,
-                                    "rewound to the committed offsets after an aborted transaction"
-                                );
-                            }
-                            // Batches consumed meanwhile keep the old epoch and are dropped;
-                            // the next iteration tries again.
-                            Err(e) => {
-                                metrics.error(ErrorStage::Consume);
-                                tracing::warn!(workload = %settings.workload, error = %e, "rewind failed; retrying");
-                                std::thread::sleep(Duration::from_millis(100));
-                                continue;
-                            }
-                        }
+    let mut last_error_log = Instant::now() - Duration::from_secs(60);
+    while !shutdown.load(Ordering::Relaxed) {
+        stats.acked_batches += ctx.absorb_acks(consumer, None).acked;
+        if let Some(rewind) = &settings.rewind {
+            let requested = rewind.epoch();
+            if requested != epoch {
+                // Fetching the committed offsets is a round trip to the coordinator.
+                match tokio::task::block_in_place(|| rewind_to_committed(consumer, reset_to_end)) {
+                    Ok(partitions) => {
+                        // The open batch was read past the committed offsets too.
+                        let _ = open_batch.flush();
+                        epoch = requested;
+                        metrics.rewinds.inc();
+                        tracing::warn!(
+                            workload = %settings.workload,
+                            partitions,
+                            epoch,
+                            "rewound to the committed offsets after an aborted transaction"
+                        );
+                    }
+                    // Batches consumed meanwhile keep the old epoch and are dropped; the next
+                    // iteration tries again.
+                    Err(e) => {
+                        metrics.error(ErrorStage::Consume);
+                        tracing::warn!(workload = %settings.workload, error = %e, "rewind failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
                 }
-                // Overload: stop fetching rather than buffer. Kafka keeps the backlog; the
-                // consumer keeps polling (rebalances, acks) while paused. Hysteresis between
-                // the two thresholds avoids pausing and resuming on every batch.
-                let in_flight = ctx.in_flight_count();
-                let paused = ctx.paused.load(Ordering::Relaxed);
-                if !paused && in_flight >= settings.pause_at_batches {
-                    ctx.paused.store(true, Ordering::Relaxed);
-                    set_paused(&consumer, true, &settings.workload);
-                    metrics.source_paused.set(1);
-                    metrics.source_pauses.inc();
-                } else if paused && in_flight <= settings.resume_at_batches {
-                    ctx.paused.store(false, Ordering::Relaxed);
-                    set_paused(&consumer, false, &settings.workload);
-                    metrics.source_paused.set(0);
-                }
-                let stages_idle = match &settings.adaptive {
-                    Some(adaptive) => {
-                        let (budget, predicted) = match &adaptive.budget {
-                            Some((budget, costs)) => (
-                                Some(*budget),
-                                Duration::from_millis(
-                                    costs.remaining_ms(Ahead::Features).max(0) as u64,
-                                ),
-                            ),
-                            None => (None, Duration::ZERO),
+            }
+        }
+        // Overload: stop fetching rather than buffer. Kafka keeps the backlog; the consumer
+        // keeps polling (rebalances, acks) while paused. Hysteresis between the two thresholds
+        // avoids pausing and resuming on every batch.
+        let in_flight = ctx.in_flight_count();
+        let paused = ctx.paused.load(Ordering::Relaxed);
+        if !paused && in_flight >= settings.pause_at_batches {
+            ctx.paused.store(true, Ordering::Relaxed);
+            set_paused(consumer, true, &settings.workload);
+            metrics.source_paused.set(1);
+            metrics.source_pauses.inc();
+        } else if paused && in_flight <= settings.resume_at_batches {
+            ctx.paused.store(false, Ordering::Relaxed);
+            set_paused(consumer, false, &settings.workload);
+            metrics.source_paused.set(0);
+        }
+        let stages_idle = match &settings.adaptive {
+            Some(adaptive) => {
+                let (budget, predicted) = match &adaptive.budget {
+                    Some((budget, costs)) => (
+                        Some(*budget),
+                        Duration::from_millis(costs.remaining_ms(Ahead::Features).max(0) as u64),
+                    ),
+                    None => (None, Duration::ZERO),
+                };
+                open_batch.set_linger(adaptive_wait(budget, predicted, settings.linger));
+                in_flight < ADAPTIVE_IDLE_BELOW_BATCHES
+            }
+            None => false,
+        };
+        let now = Instant::now();
+        let cap = if ctx.paused.load(Ordering::Relaxed) {
+            PAUSED_POLL
+        } else {
+            IDLE_POLL
+        };
+        // Adaptive and the stages can take a batch: only take what is already waiting, then
+        // close.
+        let wait = if stages_idle && !open_batch.is_empty() {
+            Duration::ZERO
+        } else {
+            open_batch.wait_budget(now, cap)
+        };
+        let first = first_message(consumer, &wakeups, now + wait, &shutdown).await;
+        // One clock read per burst: the arrival time of every message drained with it (an
+        // early stamp only makes the batch look older to its deadline) and the linger check.
+        let polled_at = Instant::now();
+        // What else is already waiting is taken without the per-poll bookkeeping above (acks,
+        // flow control, the adaptive linger, clock reads): at the baseline's batching that
+        // bookkeeping was about a tenth of the source's CPU. The burst ends at a full batch
+        // (the bookkeeping then runs before the next) or at MAX_BURST, so acks are absorbed
+        // at least that often. Messages borrow the consumer and are not `Send`: none lives
+        // past this block, so none is held across the hand-over's await.
+        let mut closed = None;
+        {
+            let mut polled = first;
+            let mut drained = 0;
+            loop {
+                match polled {
+                    Some(Ok(message)) => {
+                        drained += 1;
+                        let meta = MessageMeta {
+                            topic: interned(&mut topics, message.topic()),
+                            partition: message.partition(),
+                            offset: message.offset(),
+                            timestamp_ms: message.timestamp().to_millis(),
+                            headers: message
+                                .headers()
+                                .map(|hs| {
+                                    hs.iter()
+                                        .map(|h| {
+                                            (
+                                                h.key.to_string(),
+                                                h.value.unwrap_or_default().to_vec(),
+                                            )
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
                         };
-                        open_batch.set_linger(adaptive_wait(budget, predicted, settings.linger));
-                        in_flight < ADAPTIVE_IDLE_BELOW_BATCHES
-                    }
-                    None => false,
-                };
-                let now = Instant::now();
-                let cap = if ctx.paused.load(Ordering::Relaxed) {
-                    PAUSED_POLL
-                } else {
-                    IDLE_POLL
-                };
-                // Adaptive and the stages can take a batch: only take what is already
-                // waiting, then close.
-                let wait = if stages_idle && !open_batch.is_empty() {
-                    Duration::ZERO
-                } else {
-                    open_batch.wait_budget(now, cap)
-                };
-                let mut polled = consumer.poll(whole_millis(wait));
-                // One clock read per burst: the arrival time of every message drained with it
-                // (an early stamp only makes the batch look older to its deadline) and the
-                // linger check.
-                let polled_at = Instant::now();
-                let mut drained = 0;
-                // What else is already waiting is taken without the per-poll bookkeeping above
-                // (acks, flow control, the adaptive linger, clock reads): at the baseline's
-                // batching that bookkeeping was about a tenth of the source thread. The burst
-                // ends at a full batch (the bookkeeping then runs before the next) or at
-                // MAX_BURST, so acks are absorbed at least that often.
-                loop {
-                    match polled {
-                        Some(Ok(message)) => {
-                            drained += 1;
-                            let meta = MessageMeta {
-                                topic: interned(&mut topics, message.topic()),
-                                partition: message.partition(),
-                                offset: message.offset(),
-                                timestamp_ms: message.timestamp().to_millis(),
-                                headers: message
-                                    .headers()
-                                    .map(|hs| {
-                                        hs.iter()
-                                            .map(|h| {
-                                                (
-                                                    h.key.to_string(),
-                                                    h.value.unwrap_or_default().to_vec(),
-                                                )
-                                            })
-                                            .collect()
-                                    })
-                                    .unwrap_or_default(),
-                            };
-                            let full =
-                                open_batch.push(meta, message.key(), message.payload(), polled_at);
-                            if let Some(full) = full {
-                                send(full, epoch, &mut stats)?;
-                                break;
-                            }
-                            if drained >= MAX_BURST {
-                                break;
-                            }
-                            polled = consumer.poll(Duration::ZERO);
-                        }
-                        // Transient broker errors are retried by librdkafka; log, at most once
-                        // a second, and keep polling.
-                        Some(Err(e)) => {
-                            metrics.error(ErrorStage::Consume);
-                            if last_error_log.elapsed() > Duration::from_secs(1) {
-                                tracing::warn!(workload = %settings.workload, error = %e, "consumer error");
-                                last_error_log = Instant::now();
-                            }
+                        closed = open_batch.push(meta, message.key(), message.payload(), polled_at);
+                        if closed.is_some() || drained >= MAX_BURST {
                             break;
                         }
-                        // Nothing more waiting: adaptive with idle stages closes the batch now.
-                        None => {
-                            if stages_idle {
-                                if let Some(batch) = open_batch.flush() {
-                                    send(batch, epoch, &mut stats)?;
-                                }
-                            }
-                            break;
-                        }
+                        polled = poll_now(consumer);
                     }
-                }
-                if let Some(expired) = open_batch.poll_expired(polled_at) {
-                    send(expired, epoch, &mut stats)?;
+                    // Transient broker errors are retried by librdkafka; log, at most once a
+                    // second, and keep polling.
+                    Some(Err(e)) => {
+                        metrics.error(ErrorStage::Consume);
+                        if last_error_log.elapsed() > Duration::from_secs(1) {
+                            tracing::warn!(workload = %settings.workload, error = %e, "consumer error");
+                            last_error_log = Instant::now();
+                        }
+                        break;
+                    }
+                    // Nothing more waiting: adaptive with idle stages closes the batch now.
+                    None => {
+                        if stages_idle {
+                            closed = open_batch.flush();
+                        }
+                        break;
+                    }
                 }
             }
+        }
+        if let Some(closed) = closed {
+            let batch = maker.make(closed, epoch, &mut stats, consumer)?;
+            batches.send(batch).await.map_err(stages_stopped)?;
+        }
+        if let Some(expired) = open_batch.poll_expired(polled_at) {
+            let batch = maker.make(expired, epoch, &mut stats, consumer)?;
+            batches.send(batch).await.map_err(stages_stopped)?;
+        }
+    }
 
-            // Shutdown: close the open batch, let the stages drain, store and commit.
-            if let Some(rest) = open_batch.flush() {
-                send(rest, epoch, &mut stats)?;
+    // Shutdown: close the open batch, let the stages drain, store and commit, leave the group.
+    if let Some(rest) = open_batch.flush() {
+        let batch = maker.make(rest, epoch, &mut stats, consumer)?;
+        batches.send(batch).await.map_err(stages_stopped)?;
+    }
+    drop(batches);
+    // The wake-ups reference the consumer's queue: gone before the consumer.
+    drop(wakeups);
+    let exactly_once = ctx.exactly_once;
+    let workload = settings.workload.clone();
+    let consumer = guard.into_inner();
+    let pending = tokio::task::spawn_blocking(move || {
+        let Some(consumer) = consumer else {
+            return 0;
+        };
+        let pending = consumer.context().drain(&consumer, DRAIN_TIMEOUT);
+        if !exactly_once {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(workload = %workload, error = %e, "final commit")
             }
-            drop(batches);
-            let pending = ctx.drain(&consumer, DRAIN_TIMEOUT);
-            stats.acked_batches = stats.batches - pending as u64;
-            if !ctx.exactly_once {
-                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                    tracing::debug!(workload = %settings.workload, error = %e, "final commit")
-                }
-            }
-            if pending > 0 {
-                tracing::warn!(
-                    workload = %settings.workload,
-                    unacknowledged_batches = pending,
-                    "stopped with batches not acknowledged; they will be consumed again"
-                );
-            }
-            tracing::info!(
-                workload = %settings.workload,
-                messages = stats.messages,
-                batches = stats.batches,
-                rejected = stats.rejected,
-                "source stopped"
-            );
-            Ok(stats)
-        })
-        .map_err(|e| PipelineError::Stopped(format!("spawning the source thread: {e}")))?;
-    Ok(SourceHandle { thread })
+        }
+        pending
+    })
+    .await
+    .map_err(|e| PipelineError::Stopped(format!("the source's final commit: {e}")))?;
+    stats.acked_batches = stats.batches - pending as u64;
+    if pending > 0 {
+        tracing::warn!(
+            workload = %settings.workload,
+            unacknowledged_batches = pending,
+            "stopped with batches not acknowledged; they will be consumed again"
+        );
+    }
+    tracing::info!(
+        workload = %settings.workload,
+        messages = stats.messages,
+        batches = stats.batches,
+        rejected = stats.rejected,
+        "source stopped"
+    );
+    Ok(stats)
 }
 
 #[cfg(test)]
@@ -763,22 +942,5 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(&*other, "refunds");
         assert_eq!(topics.len(), 2);
-    }
-
-    #[test]
-    fn poll_timeouts_round_up_to_whole_milliseconds() {
-        assert_eq!(whole_millis(Duration::ZERO), Duration::ZERO);
-        assert_eq!(
-            whole_millis(Duration::from_micros(1)),
-            Duration::from_millis(1)
-        );
-        assert_eq!(
-            whole_millis(Duration::from_micros(1_700)),
-            Duration::from_millis(2)
-        );
-        assert_eq!(
-            whole_millis(Duration::from_millis(50)),
-            Duration::from_millis(50)
-        );
     }
 }

@@ -1,4 +1,4 @@
-//! The source: a Kafka consumer in a consumer group, polled in a loop on a dedicated thread,
+//! The source: a Kafka consumer in a consumer group, polled by a task that librdkafka wakes,
 //! cutting micro-batches and decoding them into Arrow before handing whole batches to the
 //! async stages. Kafka offsets never leave the source: stages see batches and acknowledge
 //! them by sequence number; the source stores a batch's offsets only after its ack (at least
@@ -7,12 +7,14 @@
 //! - [`batcher`]: when a batch closes (`max-rows` | `linger`);
 //! - [`open_batch`]: the batch being filled, its messages' bytes in one buffer;
 //! - [`decode`]: JSON → Arrow, isolating bad messages;
-//! - [`kafka`]: the consumer thread, offsets, rebalances and shutdown.
+//! - [`kafka`]: the consumer task, offsets, rebalances and shutdown;
+//! - [`wakeups`]: the socket librdkafka signals when the consumer's queue has something.
 
 pub mod batcher;
 pub mod decode;
 pub mod kafka;
 pub mod open_batch;
+mod wakeups;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -3,7 +3,7 @@
 //!
 //! Why one buffer: a message's key and payload must outlive librdkafka's copy (a message can
 //! be dead-lettered stages later), but two `Vec`s per message cost two allocations on the
-//! source thread and two frees on whichever thread drops the batch. Here each batch's bytes are
+//! source and two frees on whichever thread drops the batch. Here each batch's bytes are
 //! one `Vec` that grows while the batch fills and becomes a shared [`Bytes`] when it closes;
 //! every message then holds a slice of it.
 
