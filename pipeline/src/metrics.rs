@@ -90,6 +90,7 @@ pub struct Metrics {
     assigned_partitions: IntGaugeVec,
     source_paused: IntGaugeVec,
     source_pauses: IntCounterVec,
+    revoked_unbatched: IntCounterVec,
     transactions: IntCounterVec,
     rewinds: IntCounterVec,
     feature_store_seconds: HistogramVec,
@@ -220,6 +221,7 @@ impl Metrics {
             assigned_partitions: gauge(&r, "verdict_assigned_partitions", "Input partitions assigned to this process.", w)?,
             source_paused: gauge(&r, "verdict_source_paused", "1 while the source has paused its partitions because too many batches are in flight.", w)?,
             source_pauses: counter(&r, "verdict_source_pauses_total", "Times the source paused its partitions (overload).", w)?,
+            revoked_unbatched: counter(&r, "verdict_source_revoked_unbatched_total", "Messages polled but not yet batched when their partition was revoked: dropped here, decided by the partition's next owner.", w)?,
             transactions: counter(
                 &r,
                 "verdict_transactions_total",
@@ -325,6 +327,7 @@ impl Metrics {
             assigned_partitions: self.assigned_partitions.with_label_values(&[workload]),
             source_paused: self.source_paused.with_label_values(&[workload]),
             source_pauses: self.source_pauses.with_label_values(&[workload]),
+            revoked_unbatched: self.revoked_unbatched.with_label_values(&[workload]),
             transactions: ["committed", "aborted", "failed"]
                 .map(|o| self.transactions.with_label_values(&[workload, o])),
             rewinds: self.rewinds.with_label_values(&[workload]),
@@ -448,6 +451,7 @@ pub struct WorkloadMetrics {
     pub assigned_partitions: IntGauge,
     pub source_paused: IntGauge,
     pub source_pauses: IntCounter,
+    pub revoked_unbatched: IntCounter,
     /// committed, aborted, failed.
     pub transactions: [IntCounter; 3],
     pub rewinds: IntCounter,

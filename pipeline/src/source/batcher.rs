@@ -63,6 +63,18 @@ impl<T> MicroBatcher<T> {
         (!self.items.is_empty()).then(|| self.take())
     }
 
+    /// Keeps only the items `keep` accepts (a revocation takes some partitions' messages
+    /// away); returns how many went. The deadline stays the first arrival's, even if that
+    /// item went: closing a little early is harmless, closing late is not.
+    pub fn retain(&mut self, keep: impl FnMut(&T) -> bool) -> usize {
+        let before = self.items.len();
+        self.items.retain(keep);
+        if self.items.is_empty() {
+            self.opened_at = None;
+        }
+        before - self.items.len()
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -166,6 +178,22 @@ mod tests {
         assert!(b.poll_expired(t0 + Duration::from_millis(5)).is_none());
         b.set_linger(Duration::from_millis(5));
         assert_eq!(b.poll_expired(t0 + Duration::from_millis(5)), Some(vec![1]));
+    }
+
+    #[test]
+    fn retain_drops_items_and_an_emptied_batch_has_no_deadline() {
+        let t0 = Instant::now();
+        let mut b = MicroBatcher::new(10, LINGER);
+        b.push(1, t0);
+        b.push(2, t0 + Duration::from_millis(1));
+        b.push(3, t0 + Duration::from_millis(2));
+        assert_eq!(b.retain(|i| *i != 2), 1);
+        assert_eq!(b.deadline(), Some(t0 + LINGER));
+        assert_eq!(b.flush(), Some(vec![1, 3]));
+        b.push(4, t0);
+        assert_eq!(b.retain(|_| false), 1);
+        assert_eq!(b.deadline(), None);
+        assert_eq!(b.flush(), None);
     }
 
     #[test]

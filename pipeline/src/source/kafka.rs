@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
@@ -127,6 +127,11 @@ struct SourceContext {
     /// Set while the source task is inside `poll`, where the rebalance callbacks run: on a
     /// runtime worker, so what they wait for must first hand the worker's other tasks on.
     polling_on_runtime: AtomicBool,
+    /// Partitions revoked since the source last looked: the open batch, which the callback
+    /// cannot reach, still holds their messages.
+    revoked: Mutex<Vec<(String, i32)>>,
+    /// Set with `revoked`, so the source checks a flag, not a lock, after every poll.
+    revoked_pending: AtomicBool,
 }
 
 /// What one absorption of acks found.
@@ -191,14 +196,24 @@ impl ClientContext for SourceContext {
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
+            // The open batch's messages of these partitions are not decided here: the source
+            // drops them when this poll returns, before it takes the next message.
+            self.revoked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(
+                    partitions
+                        .elements()
+                        .iter()
+                        .map(|p| (p.topic().to_string(), p.partition())),
+                );
+            self.revoked_pending.store(true, Ordering::Release);
             // Finish what is in flight and commit it while we still own the partitions, so
             // the next owner starts after it instead of deciding it again.
             let pending = self.blocking(|| {
                 let pending = self.drain(consumer, DRAIN_TIMEOUT);
                 if !self.exactly_once {
-                    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                        tracing::debug!(workload = %self.workload, error = %e, "commit on revoke");
-                    }
+                    commit_stored(consumer, &self.workload, "commit on revoke failed");
                 }
                 pending
             });
@@ -243,6 +258,16 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// Commits the stored offsets now. A failure is not fatal, but whoever reads the partitions
+/// next decides again what was decided since the last background commit: worth a warning.
+/// Nothing stored since the last commit is not a failure.
+fn commit_stored(consumer: &BaseConsumer<SourceContext>, workload: &str, failed: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(workload = %workload, error = %e, "{failed}"),
+    }
+}
+
 /// Applies one rebalance's change to the assigned-partition count; never below zero (an eager
 /// revoke after an error could name partitions the count never saw).
 fn assigned_after(assigned: &AtomicI64, change: i64) -> i64 {
@@ -255,6 +280,16 @@ fn assigned_after(assigned: &AtomicI64, change: i64) -> i64 {
 }
 
 impl SourceContext {
+    /// The partitions revoked since the last call, if any.
+    fn take_revoked(&self) -> Option<Vec<(String, i32)>> {
+        if !self.revoked_pending.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        Some(std::mem::take(
+            &mut *self.revoked.lock().unwrap_or_else(|e| e.into_inner()),
+        ))
+    }
+
     /// Runs `f`, which may block for seconds (waiting for acks, a synchronous commit). Called
     /// from a rebalance callback inside the source task's poll, it first hands the worker's
     /// other tasks to another thread: the stages must go on delivering the batches `f` waits
@@ -639,6 +674,8 @@ pub fn spawn_kafka_source(
         exactly_once: settings.rewind.is_some(),
         assigned: AtomicI64::new(0),
         polling_on_runtime: AtomicBool::new(false),
+        revoked: Mutex::new(Vec::new()),
+        revoked_pending: AtomicBool::new(false),
     };
     let consumer: BaseConsumer<SourceContext> = settings
         .consumer
@@ -775,6 +812,20 @@ async fn run_source(
             let mut polled = first;
             let mut drained = 0;
             loop {
+                // A revocation ran inside the poll just made: every message the open batch
+                // holds was polled before it, and those of the revoked partitions are their
+                // next owner's now. (What that poll returned was fetched after it.)
+                if let Some(revoked) = ctx.take_revoked() {
+                    let dropped = open_batch.drop_partitions(&revoked);
+                    if dropped > 0 {
+                        metrics.revoked_unbatched.inc_by(dropped as u64);
+                    }
+                    tracing::info!(
+                        workload = %settings.workload,
+                        dropped_messages = dropped,
+                        "open batch: messages of revoked partitions left to their next owner"
+                    );
+                }
                 match polled {
                     Some(Ok(message)) => {
                         drained += 1;
@@ -850,9 +901,7 @@ async fn run_source(
         };
         let pending = consumer.context().drain(&consumer, DRAIN_TIMEOUT);
         if !exactly_once {
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(workload = %workload, error = %e, "final commit")
-            }
+            commit_stored(&consumer, &workload, "final commit failed");
         }
         pending
     })

@@ -111,6 +111,21 @@ impl OpenBatch {
         self.batcher.is_empty()
     }
 
+    /// Drops the messages of partitions this consumer no longer owns; returns how many. Their
+    /// offsets were never stored, so the partitions' next owner reads them again: deciding
+    /// them here too would answer the same transactions twice. Their bytes stay in the buffer
+    /// until the batch closes.
+    pub fn drop_partitions(&mut self, revoked: &[(String, i32)]) -> usize {
+        if revoked.is_empty() {
+            return 0;
+        }
+        self.batcher.retain(|p| {
+            !revoked.iter().any(|(topic, partition)| {
+                p.meta.partition == *partition && *p.meta.topic == **topic
+            })
+        })
+    }
+
     fn append(&mut self, data: &[u8]) -> Range<usize> {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(data);
@@ -191,6 +206,46 @@ mod tests {
         );
         assert_eq!(m[2].timestamp_ms, Some(1_700_000_000_002));
         assert!(open.is_empty());
+    }
+
+    #[test]
+    fn a_revoked_partitions_messages_leave_the_open_batch() {
+        let mut open = OpenBatch::new(10, Duration::from_secs(1));
+        let t0 = Instant::now();
+        let on = |partition: i32, offset: i64| MessageMeta {
+            partition,
+            ..meta(offset)
+        };
+        open.push(on(0, 10), Some(b"a"), Some(b"p0"), t0);
+        open.push(on(1, 20), Some(b"b"), Some(b"p1"), t0);
+        open.push(on(2, 30), Some(b"c"), Some(b"p2"), t0);
+        let other_topic = MessageMeta {
+            topic: "other".into(),
+            ..on(1, 40)
+        };
+        open.push(other_topic, None, Some(b"o1"), t0);
+        let revoked = [
+            ("transactions".to_string(), 1),
+            ("transactions".to_string(), 2),
+        ];
+        assert_eq!(open.drop_partitions(&revoked), 2);
+        let closed = open.flush().expect("two messages stay");
+        let kept: Vec<(&str, i32, i64, Option<&[u8]>)> = closed
+            .messages
+            .iter()
+            .map(|m| (&*m.topic, m.partition, m.offset, m.payload.as_deref()))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("transactions", 0, 10, Some(&b"p0"[..])),
+                ("other", 1, 40, Some(&b"o1"[..])),
+            ]
+        );
+        open.push(on(1, 21), None, Some(b"x"), t0);
+        assert_eq!(open.drop_partitions(&revoked), 1);
+        assert!(open.is_empty());
+        assert!(open.flush().is_none());
     }
 
     #[test]
