@@ -214,8 +214,8 @@ async fn a_process_joining_mid_stream_takes_partitions_over_and_nothing_is_lost(
     );
     // A clean hand-over decides nothing twice: the in-flight batches are committed before the
     // partitions move, and the open batch drops what it holds of them. (With the open batch
-    // left alone, 3 runs in 8 decided 1-6 transactions twice.) Duplicates remain the contract after a
-    // crash, not after a join.
+    // left alone, 3 runs in 8 decided 1-6 transactions twice.) Duplicates remain the contract
+    // after a crash, not after a join.
     if received.len() > COUNT {
         let mut per_id: HashMap<&str, Vec<(i32, i64)>> = HashMap::new();
         for r in &received {
