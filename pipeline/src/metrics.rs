@@ -527,12 +527,18 @@ mod tests {
         assert!(text.contains(
             "verdict_consumer_lag_messages{partition=\"0\",topic=\"transactions\",workload=\"fraud\"} 7"
         ));
-        // Counters end in `_total`, and every name carries the prefix.
+        // Counters end in `_total`, every name carries the prefix, and every metric has its
+        // row in the operator's table.
+        let documented = include_str!("../../deploy/README.md");
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let mut parts = line.split_whitespace().skip(2);
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
             assert!(name.starts_with("verdict_"), "{line}");
             assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            assert!(
+                documented.contains(&format!("| `{name}` |")),
+                "{name} has no row in deploy/README.md's metrics table"
+            );
         }
     }
 
