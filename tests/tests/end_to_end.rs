@@ -11,6 +11,7 @@ use rdkafka::TopicPartitionList;
 use redis::Commands;
 use verdict::config::example_config_dir;
 use verdict::generator::Transaction;
+use verdict::workload::now_ms;
 use verdict::Pipeline;
 use verdict_scorers::{LoadedModel, OnnxScorer, OnnxScorerConfig, Scorer};
 use verdict_tests::{as_messages, produce, Collector, Harness, VerdictProcess};
@@ -267,13 +268,14 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
     let b = brokers.clone();
     let producer = std::thread::spawn(move || produce(&b, &topic, &messages, Some(800.0)));
 
-    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+    let (crashed_at_ms, second_stopped_at_ms) = tokio::task::block_in_place(|| {
         // 1. A crash: SIGKILL, no drain, no final commit.
         let mut first = VerdictProcess::spawn(&config_path, &dir.path().join("first.log"));
         decisions.wait_until(Duration::from_secs(90), "first decisions", |c| {
             c.distinct_keys() >= 1_000
         })?;
         first.crash();
+        let crashed_at_ms = now_ms();
         let after_crash = decisions.distinct_keys();
 
         // 2. A restart that is stopped gracefully with SIGTERM mid-stream.
@@ -283,6 +285,7 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
         })?;
         second.wait_ready(Duration::from_secs(30))?;
         let status = second.terminate();
+        let second_stopped_at_ms = now_ms();
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
 
         // 3. A third run finishes the stream.
@@ -297,7 +300,7 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
         ready?;
         result?;
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
-        Ok(())
+        anyhow::Ok((crashed_at_ms, second_stopped_at_ms))
     })?;
     producer.join().unwrap()?;
     let received = decisions.stop()?;
@@ -305,6 +308,50 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
     for r in &received {
         *per_id.entry(r.key.clone().unwrap_or_default()).or_default() += 1;
     }
+    // Which process made each decision, from the time it was decided: the processes ran one
+    // after another. (Not from its offset: Tansu may append a killed producer's last request
+    // seconds after the kill, among the next process's decisions.)
+    let mut decided_by: HashMap<&str, [usize; 3]> = HashMap::new();
+    for r in &received {
+        let decision: serde_json::Value = serde_json::from_slice(&r.payload)?;
+        let decided_at_ms = decision["decision_time_ms"]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("a decision without decision_time_ms"))?;
+        let process = if decided_at_ms <= crashed_at_ms {
+            0
+        } else if decided_at_ms <= second_stopped_at_ms {
+            1
+        } else {
+            2
+        };
+        decided_by
+            .entry(r.key.as_deref().unwrap_or_default())
+            .or_default()[process] += 1;
+    }
+    // The second's graceful stop committed everything it decided, so the third decides none
+    // of it again; nor does a process decide anything twice. Only the crash may leave
+    // duplicates: the first's uncommitted tail, decided again by whichever process reads
+    // that partition next.
+    let decided_twice_without_a_crash: Vec<(&str, [usize; 3])> = decided_by
+        .iter()
+        .filter(|(_, by)| (by[1] > 0 && by[2] > 0) || by.iter().any(|n| *n > 1))
+        .map(|(id, by)| (*id, *by))
+        .collect();
+    if !decided_twice_without_a_crash.is_empty() {
+        for name in ["first.log", "second.log", "third.log"] {
+            let log = std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+            for line in log.lines().filter(|l| !l.contains(" DEBUG ")) {
+                eprintln!("{name}: {line}");
+            }
+        }
+    }
+    assert!(
+        decided_twice_without_a_crash.is_empty(),
+        "{} transactions decided twice by one process, or by the second and again by the \
+         third after a graceful stop (decisions by the first, second, third process): {:?}",
+        decided_twice_without_a_crash.len(),
+        &decided_twice_without_a_crash[..decided_twice_without_a_crash.len().min(5)]
+    );
     let missing: Vec<&str> = transactions
         .iter()
         .map(|t| t.transaction_id.as_str())
@@ -317,9 +364,18 @@ async fn a_crash_and_a_restart_mid_stream_lose_no_transaction() -> anyhow::Resul
         &missing[..missing.len().min(5)]
     );
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();
+    let again_by = |process: usize| {
+        decided_by
+            .values()
+            .filter(|by| by[0] > 0 && by[process] > 0)
+            .count()
+    };
     eprintln!(
-        "{COUNT} transactions, {} decisions, {duplicates} duplicates after a crash and a restart",
-        received.len()
+        "{COUNT} transactions, {} decisions, {duplicates} duplicates after a crash and a \
+         restart: decided by the crashed process and again by the second {}, by the third {}",
+        received.len(),
+        again_by(1),
+        again_by(2)
     );
     Ok(())
 }
