@@ -65,13 +65,7 @@ struct BaselineReport {
 
 /// CPU seconds the calling thread has used.
 fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    crate::bench::cpu_clock_seconds(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// What the reader of one topic saw.

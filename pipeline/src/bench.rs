@@ -128,6 +128,18 @@ pub struct BenchArgs {
     pub out: Option<std::path::PathBuf>,
 }
 
+/// CPU seconds used so far by the calling thread (`libc::CLOCK_THREAD_CPUTIME_ID`) or this
+/// process (`libc::CLOCK_PROCESS_CPUTIME_ID`), to the nanosecond, where /proc counts ticks.
+pub fn cpu_clock_seconds(clock: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// CPU seconds (user + system) this process has used, from /proc.
 pub fn process_cpu_seconds() -> Option<f64> {
     cpu_seconds_of("/proc/self/stat")
